@@ -1,0 +1,39 @@
+"""Device and dtype resolution shared by every model class."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_devices(devices: str | int | list[str] | list[int] | None) -> list[str]:
+    """Normalise FlagEmbedding's ``devices`` argument to a list of torch device strings.
+
+    ``None`` means every visible GPU, else ``["cpu"]``; ints are CUDA ordinals.
+    """
+    if devices is None:
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return ["mps"]
+        return ["cpu"]
+    if isinstance(devices, (str, int)):
+        devices = [devices]  # type: ignore[list-item]
+    if not isinstance(devices, (list, tuple)) or not devices:
+        raise ValueError(f"devices must be a string, an int or a non-empty list of them, got {devices!r}")
+    out = []
+    for d in devices:
+        if isinstance(d, bool) or not isinstance(d, (str, int)):
+            raise ValueError(f"devices entries must be strings or ints, got {d!r}")
+        out.append(f"cuda:{d}" if isinstance(d, int) else d)
+    return out
+
+
+def resolve_dtype(use_fp16: bool, use_bf16: bool, device: str) -> torch.dtype:
+    """Half precision only where it helps: CPU kernels run fp32 (as FlagEmbedding does)."""
+    if device.startswith("cpu"):
+        return torch.float32
+    if use_bf16:
+        return torch.bfloat16
+    if use_fp16:
+        return torch.float16
+    return torch.float32
