@@ -1,0 +1,59 @@
+"""Session fixtures: tiny checkpoints built once, shared data paths, offline hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest  # noqa: E402
+
+from tests import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not tiny_models.SHARED_DATA.is_dir():
+        pytest.fail(f"shared data folder {tiny_models.SHARED_DATA} is missing (../shared beside the checkout)")
+    return tiny_models.SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def unigram_tokenizer(tiny_root):
+    out = tiny_root / "unigram_tokenizer"
+    tiny_models.build_unigram_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_root):
+    return tiny_models.build_bert(tiny_root / "bge-tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_m3(tiny_root, unigram_tokenizer):
+    return tiny_models.build_m3(tiny_root / "bge-m3-tiny", unigram_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr_reranker(tiny_root, unigram_tokenizer):
+    return tiny_models.build_xlmr_reranker(tiny_root / "bge-reranker-tiny", unigram_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_root, unigram_tokenizer):
+    return tiny_models.build_qwen2(tiny_root / "qwen2-embedder-tiny", unigram_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_lm(tiny_root, unigram_tokenizer):
+    return tiny_models.build_qwen2(tiny_root / "qwen2-reranker-tiny", unigram_tokenizer, causal_lm=True)
