@@ -1,14 +1,35 @@
-"""Inference layer: FlagEmbedding-compatible embedders and rerankers over one encode loop."""
+"""Inference layer: FlagEmbedding-compatible embedders and rerankers over one encode loop.
 
-from .embedder import BaseEmbedder, FlagLLMModel, FlagModel
-from .loading import BUNDLED_MODEL, ModelNotFoundError, bundled_model_path, resolve_model_path
+Names resolve lazily so ``import bge_ray`` stays cheap (no torch / transformers until used).
+"""
 
-__all__ = [
-    "BUNDLED_MODEL",
-    "BaseEmbedder",
-    "FlagLLMModel",
-    "FlagModel",
-    "ModelNotFoundError",
-    "bundled_model_path",
-    "resolve_model_path",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "BaseEmbedder": "embedder",
+    "FlagModel": "embedder",
+    "FlagLLMModel": "embedder",
+    "FlagICLModel": "icl",
+    "BGEM3FlagModel": "m3",
+    "BaseReranker": "reranker",
+    "FlagReranker": "reranker",
+    "FlagLLMReranker": "llm_reranker",
+    "LayerWiseFlagLLMReranker": "layerwise_reranker",
+    "LightWeightFlagLLMReranker": "lightweight_reranker",
+    "FlagAutoModel": "auto",
+    "FlagAutoReranker": "auto",
+    "BUNDLED_MODEL": "loading",
+    "ModelNotFoundError": "loading",
+    "bundled_model_path": "loading",
+    "resolve_model_path": "loading",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
