@@ -4,6 +4,8 @@ FlagEmbedding's own model code for them does not run on transformers 5."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,141 @@ def test_llm_reranker_peft_adapter_matches_flagembedding(gemma_reranker, llm_roo
     got = _ours_llm(gemma_reranker, peft_path=str(adapter)).compute_score(PAIRS)
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert not np.allclose(got, _ours_llm(gemma_reranker).compute_score(PAIRS), atol=1e-3)
+
+
+# -- plain-torch definitions of the layerwise and lightweight models (one unpadded pair at a time) --
+def _load_state(path):
+    from safetensors.torch import load_file
+
+    return {k: v.double() for k, v in load_file(str(path / "model.safetensors")).items()}
+
+
+def _config(path):
+    import json
+
+    return json.loads((path / "config.json").read_text())
+
+
+def _prompt_ids(tok, query, passage, prompt):
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    sep = enc("\n")
+    return [tok.bos_token_id] + enc("A: " + query) + sep + enc("B: " + passage) + sep + enc(prompt)
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x, theta):
+    d = x.shape[-1]
+    angle = torch.arange(x.shape[-2]).double()[:, None] / theta ** (torch.arange(0, d, 2).double() / d)
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    return x * cos + torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1) * sin
+
+
+def _attention(x, sd, p, heads, kv_heads, head_dim, scale, theta, softcap=None, window=None):
+    n = x.shape[0]
+    q = (x @ sd[p + "q_proj.weight"].T).view(n, heads, head_dim).transpose(0, 1)
+    k = (x @ sd[p + "k_proj.weight"].T).view(n, kv_heads, head_dim).transpose(0, 1)
+    v = (x @ sd[p + "v_proj.weight"].T).view(n, kv_heads, head_dim).transpose(0, 1)
+    q, k = _rope(q, theta), _rope(k, theta)
+    k, v = k.repeat_interleave(heads // kv_heads, 0), v.repeat_interleave(heads // kv_heads, 0)
+    s = q @ k.transpose(1, 2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    out = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
+    return out.transpose(0, 1).reshape(n, -1) @ sd[p + "o_proj.weight"].T
+
+
+def _mlp(x, sd, p, act):
+    return (act(x @ sd[p + "gate_proj.weight"].T) * (x @ sd[p + "up_proj.weight"].T)) @ sd[p + "down_proj.weight"].T
+
+
+def minicpm_reference(path, ids, layers):
+    """Per-layer scores of one pair by MiniCPM's definition: scaled embeddings and residuals."""
+    sd, cfg = _load_state(path), _config(path)
+    n_layers, eps = cfg["num_hidden_layers"], cfg["rms_norm_eps"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg["hidden_size"] // heads
+    branch = cfg["scale_depth"] / math.sqrt(n_layers)
+    h = sd["model.embed_tokens.weight"][ids] * cfg["scale_emb"]
+    scores = {}
+    for i in range(n_layers + 1):
+        if i in layers:
+            head = f"lm_head.{i - cfg['start_layer']}." if cfg["head_multi"] else "lm_head."
+            scores[i] = (_rms(h[-1], sd["model.norm.weight"], eps) @ sd[head + "linear_head.weight"].T).item()
+        if i == n_layers:
+            break
+        p = f"model.layers.{i}."
+        x = _rms(h, sd[p + "input_layernorm.weight"], eps)
+        h = h + branch * _attention(x, sd, p + "self_attn.", heads, kv, head_dim, head_dim**-0.5, cfg["rope_theta"])
+        x = _rms(h, sd[p + "post_attention_layernorm.weight"], eps)
+        h = h + branch * _mlp(x, sd, p + "mlp.", torch.nn.functional.silu)
+    return scores
+
+
+# -- LayerWiseFlagLLMReranker -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def minicpm_layerwise(llm_root, bos_tokenizer):
+    return tlm.build_minicpm_layerwise(llm_root / "bge-reranker-v2-minicpm-layerwise-tiny", bos_tokenizer)
+
+
+def _layerwise(path, **kwargs):
+    from bge_ray.models.layerwise_reranker import LayerWiseFlagLLMReranker
+
+    return LayerWiseFlagLLMReranker(str(path), devices="cpu", **kwargs)
+
+
+def _minicpm_expected(path, tok, pairs, layers):
+    from bge_ray.models.llm_reranker import DEFAULT_PROMPT
+
+    refs = [minicpm_reference(path, _prompt_ids(tok, q, p, DEFAULT_PROMPT), layers) for q, p in pairs]
+    return [[r[k] for r in refs] for k in sorted(layers)]
+
+
+def test_layerwise_matches_definition(minicpm_layerwise):
+    ours = _layerwise(minicpm_layerwise, batch_size=2)
+    expected = _minicpm_expected(minicpm_layerwise, ours.tokenizer, PAIRS, {1, 2, 3, 4})
+    assert np.std(expected[-1]) > 1e-2 and not np.allclose(expected[0], expected[-1], atol=1e-2)
+    # Default: the last layer, as one flat list.
+    np.testing.assert_allclose(ours.compute_score(PAIRS), expected[3], atol=1e-4, rtol=1e-5)
+    # Several layers come back in ascending order, whatever order they were asked in.
+    got = ours.compute_score(PAIRS, cutoff_layers=[3, 1])
+    np.testing.assert_allclose(got, [expected[0], expected[2]], atol=1e-4, rtol=1e-5)
+    got = ours.compute_score(PAIRS, cutoff_layers=[2], normalize=True)
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-np.array(expected[1]))), atol=1e-5)
+
+
+def test_layerwise_cutoff_layers_validation(minicpm_layerwise, caplog):
+    ours = _layerwise(minicpm_layerwise, cutoff_layers=2)
+    expected = _minicpm_expected(minicpm_layerwise, ours.tokenizer, PAIRS[:2], {2})
+    np.testing.assert_allclose(ours.compute_score(PAIRS[:2]), expected[0], atol=1e-4)
+    with caplog.at_level("WARNING"):
+        got = ours.compute_score(PAIRS[:2], cutoff_layers=[0, 2, 9])
+    assert "[0, 9]" in caplog.text
+    np.testing.assert_allclose(got, expected[0], atol=1e-4)
+    with pytest.raises(ValueError, match=r"cutoff_layers=\[0\].*\[1, 2, 3, 4\]"):
+        ours.compute_score(PAIRS[:2], cutoff_layers=[0])
+    assert ours.compute_score(PAIRS[0], cutoff_layers=[1, 4])[0][0] == pytest.approx(
+        ours.compute_score(PAIRS[:1], cutoff_layers=1)[0], abs=1e-6
+    )
+
+
+def test_layerwise_single_head_and_missing_heads(llm_root, bos_tokenizer, tmp_path):
+    path = tlm.build_minicpm_layerwise(llm_root / "minicpm-one-head", bos_tokenizer, head_multi=False)
+    ours = _layerwise(path)
+    expected = _minicpm_expected(path, ours.tokenizer, PAIRS[:3], {1, 4})
+    np.testing.assert_allclose(ours.compute_score(PAIRS[:3], cutoff_layers=[1, 4]), expected, atol=1e-4)
+    # A checkpoint without the score heads must not load with random ones.
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "no-heads"
+    broken.mkdir()
+    for f in path.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    state = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if not k.startswith("lm_head")}
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head"):
+        _layerwise(broken)

@@ -181,8 +181,11 @@ def build_minicpm_layerwise(out: Path, tokenizer_dir: Path, **overrides) -> Path
             p + "input_layernorm.weight": _norm_weight(h),
             p + "post_attention_layernorm.weight": _norm_weight(h),
         }
-    for j in range(n_layers - cfg["start_layer"] + 1):
-        state[f"lm_head.{j}.linear_head.weight"] = _normal(1, h)
+    if cfg["head_multi"]:
+        for j in range(n_layers - cfg["start_layer"] + 1):
+            state[f"lm_head.{j}.linear_head.weight"] = _normal(1, h)
+    else:
+        state["lm_head.linear_head.weight"] = _normal(1, h)
     return _save(out, cfg, state, tokenizer_dir)
 
 

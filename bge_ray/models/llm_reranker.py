@@ -228,8 +228,12 @@ class FlagLLMReranker(BaseReranker):
         self.yes_loc = first_token_id(self.tokenizer, "Yes")
 
     def _load_model(self, **kwargs):
-        model = super()._load_model(**kwargs)
+        model = self._load_base_model(**kwargs)
         return merge_peft(model, self.peft_path) if self.peft_path else model
+
+    def _load_base_model(self, **kwargs):
+        """The checkpoint's weights before any adapter; the layerwise families build their own class."""
+        return super()._load_model(**kwargs)
 
     # -- scoring ----------------------------------------------------------------------------------
     def compute_score(
