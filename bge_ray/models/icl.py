@@ -112,6 +112,10 @@ class FlagICLModel(FlagLLMModel):
             **kwargs,
         )
 
+    def stop_self_query_pool(self) -> None:
+        """FlagEmbedding API: queries share the corpus replicas here, so this is :meth:`stop_self_pool`."""
+        self.stop_self_pool()
+
     def _prepare(self, texts: list[str], max_length: int, _icl_query: bool = False, **kwargs) -> Features:
         if not _icl_query:
             return super()._prepare(texts, max_length, **kwargs)
