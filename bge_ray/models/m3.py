@@ -310,6 +310,8 @@ class BGEM3FlagModel(BaseEmbedder):
         max_length = max_length or self.passage_max_length
         collate_kw = {k: kwargs.pop(k) for k in _COLLATE_KWARGS if k in kwargs}
         features = tokenize(self.tokenizer, texts, max_length, **kwargs)
+        # Token counts of the last call, for throughput reporting by batch jobs (as BaseEmbedder).
+        self.last_token_counts = features.lengths
         cut = self.truncate_dim if truncate else None
         if len(features) == 0:
             width = min(self.model.config.hidden_size, cut) if cut else self.model.config.hidden_size
