@@ -305,3 +305,113 @@ def test_layerwise_single_head_and_missing_heads(llm_root, bos_tokenizer, tmp_pa
     save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lm_head"):
         _layerwise(broken)
+
+
+def gemma2_lightweight_reference(path, ids, query_len, prompt_len, layers, compress_layers=(), ratio=1):
+    """Scores of one pair by the cost-wise Gemma2 definition, compressing the passage in place."""
+    sd, cfg = _load_state(path), _config(path)
+    eps, heads, kv, head_dim = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+
+    def norm(x, name):
+        return _rms(x, 1 + sd[name + ".weight"], eps)  # Gemma norms scale by (1 + weight)
+
+    def gelu(x):
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+    h = sd["model.embed_tokens.weight"][ids] * math.sqrt(cfg["hidden_size"])
+    picked, top = [], max(layers)
+    for i in range(top + 1):
+        if i in layers:
+            picked.append(h[-1])
+        if i == top:
+            break
+        if ratio > 1 and i in compress_layers and i != 0:
+            n_passage = len(h) - query_len - prompt_len
+            runs = [h[query_len + s : query_len + min(s + ratio, n_passage)].mean(0) for s in range(0, n_passage, ratio)]
+            h = torch.cat([h[:query_len], *[r[None] for r in runs], h[query_len + n_passage :]])
+        p = f"model.layers.{i}."
+        window = cfg["sliding_window"] if i % 2 == 0 else None  # even layers use the sliding window
+        attn = _attention(
+            norm(h, p + "input_layernorm"), sd, p + "self_attn.", heads, kv, head_dim,
+            cfg["query_pre_attn_scalar"] ** -0.5, cfg["rope_theta"], cfg["attn_logit_softcapping"], window,
+        )
+        h = h + norm(attn, p + "post_attention_layernorm")
+        h = h + norm(_mlp(norm(h, p + "pre_feedforward_layernorm"), sd, p + "mlp.", gelu), p + "post_feedforward_layernorm")
+    cap = cfg["final_logit_softcapping"]
+    # The j-th picked layer is scored by lm_head[j] (FlagEmbedding's lightweight convention).
+    return [
+        cap * math.tanh((norm(x, "model.norm") @ sd[f"lm_head.{j}.linear_head.weight"].T).item() / cap)
+        for j, x in enumerate(picked)
+    ]
+
+
+# -- LightWeightFlagLLMReranker -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma2_lightweight(llm_root, bos_tokenizer):
+    return tlm.build_gemma2_lightweight(llm_root / "bge-reranker-v2.5-gemma2-lightweight-tiny", bos_tokenizer)
+
+
+def _lightweight(path, **kwargs):
+    from bge_ray.models.lightweight_reranker import LightWeightFlagLLMReranker
+
+    return LightWeightFlagLLMReranker(str(path), devices="cpu", **kwargs)
+
+
+def _lightweight_expected(path, tok, pairs, layers, compress_layers=(), ratio=1):
+    from bge_ray.models.lightweight_reranker import LIGHTWEIGHT_PROMPT
+
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    n_sep, n_prompt = len(enc("\n")), len(enc(LIGHTWEIGHT_PROMPT))
+    refs = [
+        gemma2_lightweight_reference(
+            path, _prompt_ids(tok, q, p, LIGHTWEIGHT_PROMPT), 1 + len(enc("A: " + q)) + n_sep, n_sep + n_prompt,
+            layers, compress_layers, ratio,
+        )
+        for q, p in pairs
+    ]
+    return [list(col) for col in zip(*refs, strict=True)]
+
+
+def test_lightweight_matches_definition(gemma2_lightweight):
+    ours = _lightweight(gemma2_lightweight, batch_size=2)
+    tok = ours.tokenizer
+    # Defaults: last layer, compress_layers=[8] (beyond this model) and ratio 1, so no compression.
+    plain = _lightweight_expected(gemma2_lightweight, tok, PAIRS, [4])
+    assert np.std(plain[0]) > 1e-2
+    np.testing.assert_allclose(ours.compute_score(PAIRS), plain[0], atol=1e-4, rtol=1e-5)
+    # Compression before layers 1 and 3 (twice), scores at layers 2 and 4.
+    squeezed = _lightweight_expected(gemma2_lightweight, tok, PAIRS, [2, 4], [1, 3], 2)
+    got = ours.compute_score(PAIRS, cutoff_layers=[4, 2], compress_layers=[1, 3], compress_ratio=2)
+    np.testing.assert_allclose(got, squeezed, atol=1e-4, rtol=1e-5)
+    assert not np.allclose(got[1], plain[0], atol=1e-3)
+    # Ratio 3 leaves partial runs; layer 0 is never compressed; the deprecated spelling still works.
+    expected = _lightweight_expected(gemma2_lightweight, tok, PAIRS, [3], [0, 2], 3)[0]
+    got = ours.compute_score(PAIRS, cutoff_layers=3, compress_layer=[0, 2], compress_ratio=3, normalize=True)
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-np.array(expected))), atol=1e-5)
+
+
+def test_lightweight_constructor_options_and_sliding_window(llm_root, bos_tokenizer):
+    # A short sliding window (even layers) and heads only at layers 2 and 4.
+    path = tlm.build_gemma2_lightweight(
+        llm_root / "gemma2-lightweight-window", bos_tokenizer, sliding_window=6, start_layer=2, layer_sep=2
+    )
+    ours = _lightweight(path, cutoff_layers=[2, 4], compress_layers=[1], compress_ratio=2, batch_size=3)
+    expected = _lightweight_expected(path, ours.tokenizer, PAIRS, [2, 4], [1], 2)
+    np.testing.assert_allclose(ours.compute_score(PAIRS), expected, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"choose from \[2, 4\]"):
+        ours.compute_score(PAIRS, cutoff_layers=[3])
+    with pytest.raises(ValueError, match="compress_ratio"):
+        ours.compute_score(PAIRS, compress_ratio=0)
+
+
+def test_lightweight_rejects_vocabulary_head_checkpoint(gemma2_lightweight, tmp_path):
+    import json
+
+    folder = tmp_path / "not-layerwise"
+    folder.mkdir()
+    for f in gemma2_lightweight.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "layer_wise": False}))
+    with pytest.raises(ValueError, match="layer_wise=false"):
+        _lightweight(folder)

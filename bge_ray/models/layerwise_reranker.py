@@ -154,6 +154,8 @@ class LayerWiseFlagLLMReranker(FlagLLMReranker):
     """bge-reranker-v2-minicpm-layerwise with FlagEmbedding 1.4's API (``cutoff_layers``)."""
 
     always_bos = True
+    #: FlagEmbedding runs this checkpoint in fp16 on accelerators unless bf16 is asked for.
+    half_by_default = True
 
     def __init__(
         self,
@@ -177,9 +179,8 @@ class LayerWiseFlagLLMReranker(FlagLLMReranker):
         **kwargs: Any,
     ):
         self.cutoff_layers = cutoff_layers
-        if not use_fp16 and not use_bf16:
-            # FlagEmbedding runs these checkpoints in half precision on accelerators; CPUs stay fp32.
-            use_fp16 = True
+        if self.half_by_default and not use_fp16 and not use_bf16:
+            use_fp16 = True  # only accelerators use it: CPUs always run fp32
         super().__init__(
             model_name_or_path,
             peft_path=peft_path,
