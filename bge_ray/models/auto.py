@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from . import registry
+from .loading import BUNDLED_MODEL_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ def _unknown_name_error(model_name_or_path: str, kind: str) -> ValueError:
 def _load_name(model_name_or_path: str, spec: registry.ModelSpec | None) -> str:
     """A bare known name (no org, not a local path) loads from its hub organisation."""
     name = os.fspath(model_name_or_path)
-    if spec is not None and "/" not in name and "\\" not in name and not os.path.exists(name):
+    if name in BUNDLED_MODEL_NAMES:
+        return name
+    if spec is not None and spec.org and "/" not in name and "\\" not in name and not os.path.exists(name):
         return spec.hub_id
     return name
 
@@ -51,7 +54,7 @@ class FlagAutoModel:
     @classmethod
     def from_finetuned(
         cls,
-        model_name_or_path: str,
+        model_name_or_path: str | None = None,
         model_class: str | None = None,
         normalize_embeddings: bool = True,
         use_fp16: bool = True,
@@ -64,10 +67,18 @@ class FlagAutoModel:
         truncate_dim: int | None = None,
         **kwargs: Any,
     ):
-        """Load an embedder; ``model_class`` is one of ``registry.EMBEDDER_CLASSES`` or ``None``."""
+        """Load an embedder; ``model_class`` is one of ``registry.EMBEDDER_CLASSES`` or ``None``.
+
+        ``None`` (or ``"bundled"``) loads the bundled all-MiniLM-L6-v2. A local folder whose name is not
+        in the registry is inspected (M3 heads, sentence-transformers pooling config, decoder type).
+        """
+        if model_name_or_path is None or os.fspath(model_name_or_path) in BUNDLED_MODEL_NAMES:
+            model_name_or_path = "all-MiniLM-L6-v2"
         if not isinstance(model_name_or_path, (str, os.PathLike)):
             raise TypeError(f"model_name_or_path must be a str or path, got {type(model_name_or_path).__name__}")
         spec = registry.lookup(model_name_or_path, registry.EMBEDDER)
+        if spec is None and model_class is None and os.path.isdir(os.fspath(model_name_or_path)):
+            spec = registry.infer_from_checkpoint(model_name_or_path, registry.EMBEDDER)
         if model_class is not None:
             model_cls = registry.resolve_class(registry.class_name_for(model_class, registry.EMBEDDER))
             if pooling_method is None:
@@ -126,6 +137,8 @@ class FlagAutoReranker:
         if not isinstance(model_name_or_path, (str, os.PathLike)):
             raise TypeError(f"model_name_or_path must be a str or path, got {type(model_name_or_path).__name__}")
         spec = registry.lookup(model_name_or_path, registry.RERANKER)
+        if spec is None and model_class is None and os.path.isdir(os.fspath(model_name_or_path)):
+            spec = registry.infer_from_checkpoint(model_name_or_path, registry.RERANKER)
         if model_class is not None:
             model_cls = registry.resolve_class(registry.class_name_for(model_class, registry.RERANKER))
             if trust_remote_code is None:

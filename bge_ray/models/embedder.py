@@ -139,8 +139,8 @@ class BaseEmbedder(InferenceModel):
 
     def _embed(self, texts: list[str], batch_size: int, max_length: int, **kwargs) -> torch.Tensor:
         collate_kw = {k: kwargs.pop(k) for k in _COLLATE_KWARGS if k in kwargs}
-        features = self._prepare(texts, max_length, **kwargs)
-        if len(features) == 0:
+        if not texts:
+            self.last_token_counts = np.zeros(0, dtype=np.int64)
             return torch.empty((0, self.dim), dtype=torch.float32)
 
         def make_forward(model, device):
@@ -155,15 +155,18 @@ class BaseEmbedder(InferenceModel):
 
             return forward
 
-        results = self._run(
-            features,
+        results, lengths = self._run_items(
+            texts,
+            lambda chunk: self._prepare(chunk, max_length, **kwargs),
             make_forward,
             batch_size,
             padding_side=self.tokenizer.padding_side,
             desc="Inference Embeddings",
             **collate_kw,
         )
-        return scatter_rows(results, len(features))
+        # Token counts of the last call, for throughput reporting by batch jobs.
+        self.last_token_counts = lengths
+        return scatter_rows(results, len(texts))
 
 
 class FlagModel(BaseEmbedder):

@@ -19,6 +19,9 @@ from .tokenize import Features, collate
 
 logger = logging.getLogger(__name__)
 
+#: Pin host batches before copying them to a GPU (lets the copy overlap compute).
+PIN_MEMORY = True
+
 
 def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
     """Row indices of each batch, longest texts first.
@@ -113,7 +116,7 @@ def run_batches(
     on_cuda = device.startswith("cuda")
 
     def make(rows: np.ndarray) -> dict[str, torch.Tensor]:
-        return collate(features, rows, pad, padding_side, pad_to_multiple_of, pin_memory=on_cuda)
+        return collate(features, rows, pad, padding_side, pad_to_multiple_of, pin_memory=on_cuda and PIN_MEMORY)
 
     results: list[tuple[np.ndarray, Any]] = []
     row_cap = batch_size
@@ -151,7 +154,8 @@ def run_batches(
 def scatter_rows(results: list[tuple[np.ndarray, torch.Tensor]], n: int) -> torch.Tensor:
     """Concatenate per-batch row tensors (on any device) back into input order, on the CPU."""
     rows = np.concatenate([r for r, _ in results])
-    stacked = torch.cat([o for _, o in results]).float().cpu()
+    # Outputs may sit on several devices (multi-GPU); gather on the CPU.
+    stacked = torch.cat([o.float().cpu() for _, o in results])
     out = torch.empty((n, *stacked.shape[1:]), dtype=stacked.dtype)
     out[torch.from_numpy(rows)] = stacked
     return out

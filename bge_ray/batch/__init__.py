@@ -1,0 +1,1 @@
+"""Ray Data batch pipelines: corpus embedding (and, on top of it, mining and teacher scoring)."""

@@ -1,0 +1,66 @@
+"""Starting or joining Ray, and sizing actor pools for the machine or cluster at hand."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, as under ``ray job submit``), else start
+    a private local one on loopback with auth off and usage stats off."""
+    local = address is None and not os.environ.get("RAY_ADDRESS")
+    if local:
+        # Keep a laptop run on 127.0.0.1 and free of the token auth a shared cluster would want.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    kwargs = {"log_to_driver": not quiet or not local}
+    if local:
+        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+    ray.init(address=address, **kwargs)
+    return ray
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many embedding actors, and what each asks Ray for."""
+
+    num_actors: int
+    num_cpus: float
+    num_gpus: float
+    torch_threads: int | None
+    read_cpus: float = 1.0  # what each read / convert task asks for
+
+
+def plan_actors(num_actors: int | None = None, use_gpu: bool | None = None) -> ActorPlan:
+    """One actor per GPU when the cluster has GPUs; on CPU, ``num_actors`` (default 1) sharing the cores.
+
+    On a small machine the actors must leave Ray Data room to schedule read tasks: actors that
+    reserve every CPU starve the reads and the pipeline hangs without an error. Actors' CPU
+    requests are bookkeeping only; ``torch_threads`` sets what each actually uses.
+    """
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    cpus = float(res.get("CPU", 1))
+    if use_gpu is None:
+        use_gpu = gpus > 0
+    read_cpus = 1.0 if cpus >= 8 else 0.25
+    if use_gpu:
+        if gpus == 0:
+            raise RuntimeError("use_gpu was requested but the Ray cluster has no GPUs")
+        n = num_actors or gpus
+        return ActorPlan(n, 1.0, 1.0 if n <= gpus else gpus / n, None, read_cpus)
+    n = num_actors or 1
+    share = cpus / n
+    actor_cpus = max(0.1, min(share, (cpus - 2 * read_cpus) / n))
+    return ActorPlan(n, actor_cpus, 0.0, max(1, int(share)), read_cpus)

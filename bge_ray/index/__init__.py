@@ -1,0 +1,1 @@
+"""Vector indexes: faiss build / save / load / search, used by mining, evaluation and serving."""

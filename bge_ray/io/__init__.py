@@ -1,0 +1,1 @@
+"""Input and output: corpus readers (Ray Data), parquet shards, manifests, atomic writes."""

@@ -1,0 +1,75 @@
+"""Embed a corpus into parquet shards, a manifest and a faiss index, on a local Ray or a cluster.
+
+    python jobs/embed_corpus.py                       # bundled sample corpus + bundled model -> ./outputs
+    python jobs/embed_corpus.py --input s3://bucket/corpus/ --output s3://... --model BAAI/bge-base-en-v1.5
+    ray job submit --working-dir . -- python jobs/embed_corpus.py --input ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bge_ray.batch.embed import EmbedderSpec, run_embed_job  # noqa: E402
+from bge_ray.batch.runtime import init_ray  # noqa: E402
+from bge_ray.index.faiss_index import INDEX_KINDS  # noqa: E402
+from bge_ray.io.readers import CorpusSpec  # noqa: E402
+
+SAMPLE_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bge_ray", "data", "sample_corpus.jsonl")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", default=SAMPLE_CORPUS, help="jsonl / parquet / csv file, folder, glob, BEIR folder or URI")
+    p.add_argument("--output", default="outputs/sample_corpus", help="output folder")
+    p.add_argument("--model", default=None, help="model name or folder (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--model-class", default=None, help="FlagAutoModel model_class, e.g. encoder-only-base")
+    p.add_argument("--pooling-method", default=None, choices=["cls", "mean", "last_token"])
+    p.add_argument("--num-actors", type=int, default=None, help="embedding actors (default: one per GPU, else 1)")
+    p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
+    p.add_argument("--max-tokens-per-batch", type=int, default=None, help="token budget per forward pass")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--rows-per-call", type=int, default=1024, help="rows handed to an actor at a time")
+    p.add_argument("--id-field", default=None)
+    p.add_argument("--text-fields", default=None, help="comma-separated, joined by a space (default: title,text)")
+    p.add_argument("--format", default=None, choices=["json", "parquet", "csv"])
+    p.add_argument("--index", default="flat", choices=[*INDEX_KINDS, "none"])
+    p.add_argument("--no-fp16", dest="use_fp16", action="store_false", help="fp32 on GPU")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    init_ray(args.address)
+    corpus = CorpusSpec(
+        args.input,
+        id_field=args.id_field,
+        text_fields=tuple(args.text_fields.split(",")) if args.text_fields else None,
+        format=args.format,
+    )
+    spec = EmbedderSpec(
+        model=args.model,
+        model_class=args.model_class,
+        pooling_method=args.pooling_method,
+        use_fp16=args.use_fp16,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+    )
+    result = run_embed_job(
+        corpus, args.output, spec, num_actors=args.num_actors, use_gpu=args.use_gpu,
+        rows_per_call=args.rows_per_call, index_kind=args.index,
+    )
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
