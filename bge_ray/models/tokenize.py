@@ -6,11 +6,16 @@ Tokenising once up front (the Rust tokenizer, whole lists at a time) and padding
 
 from __future__ import annotations
 
+import copy
+import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 #: Chunk size for tokenizer calls: large enough to amortise the call, small enough to bound memory.
 TOKENIZE_CHUNK = 8192
@@ -40,8 +45,63 @@ def check_texts(texts: Sequence, what: str = "sentences") -> None:
             raise TypeError(f"{what}[{i}] is {type(t).__name__} ({t!r:.40}), expected str")
 
 
+class _RustPath:
+    """Token ids straight from the Rust tokenizer behind a fast HF tokenizer.
+
+    The HF call spends most of its time building Python dicts while holding the GIL, which stalls the
+    thread feeding the GPU; ``encode_batch`` releases the GIL and ``Encoding.ids`` is cheap. The path
+    is used for a given ``max_length`` only after it reproduced the HF call's ids on a probe.
+    """
+
+    PROBE = 32
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.lock = threading.Lock()
+        self.backends: dict[int, object | None] = {}
+
+    def backend(self, texts: Sequence[str], max_length: int):
+        with self.lock:
+            if max_length not in self.backends:
+                self.backends[max_length] = self._build(texts, max_length)
+            return self.backends[max_length]
+
+    def _build(self, texts: Sequence[str], max_length: int):
+        hf = self.tokenizer
+        try:
+            backend = copy.deepcopy(hf.backend_tokenizer)
+            backend.no_padding()
+            backend.enable_truncation(max_length, direction=getattr(hf, "truncation_side", "right"))
+            probe = list(texts[: self.PROBE]) + ["", " ".join(["word"] * (max_length + 8))]
+            want = hf(probe, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
+            got = [e.ids for e in backend.encode_batch(probe, add_special_tokens=True)]
+        except Exception as exc:  # noqa: BLE001 - any surprise means: keep the HF path
+            logger.debug("fast tokenisation path unavailable: %s", exc)
+            return None
+        return backend if got == want else None
+
+
+def _rust_path(tokenizer) -> _RustPath | None:
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    path = tokenizer.__dict__.get("_bge_ray_rust")
+    if path is None:
+        path = _RustPath(tokenizer)
+        tokenizer.__dict__["_bge_ray_rust"] = path
+    return path
+
+
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, **kwargs) -> Features:
-    """Tokenise ``texts`` with truncation at ``max_length``; no padding."""
+    """Tokenise single texts with truncation at ``max_length``; no padding.
+
+    Without extra tokenizer options the Rust fast path is used (see :class:`_RustPath`); single
+    sequences need no ``token_type_ids`` (models default them to zeros).
+    """
+    rust = None if kwargs else _rust_path(tokenizer)
+    backend = rust.backend(texts, max_length) if rust is not None and len(texts) else None
+    if backend is not None:
+        ids = [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=True)]
+        return Features.from_columns({"input_ids": ids})
     columns: dict[str, list[list[int]]] = {}
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         enc = tokenizer(
