@@ -124,9 +124,27 @@ def run(args) -> dict:
         report["ratio"] = results["bge_ray"]["docs_per_s"] / results["FlagEmbedding"]["docs_per_s"]
         print(f"bge_ray / FlagEmbedding: {report['ratio']:.3f}x docs/s; max |diff| {report['max_abs_diff']:.2e}, "
               f"min cosine {report['min_cosine']:.6f}")
+    if args.with_st:
+        report["sentence_transformers"] = compare_st(path, texts, vectors["bge_ray"], args)
     if args.eval:
         report["metrics"] = evaluate(args, path, vectors["bge_ray"], m3)
     return report
+
+
+def compare_st(path, texts, ours, args) -> dict:
+    """sentence-transformers' embeddings of the same texts (its own pooling config), timed, vs ours."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(path), device=args.device)
+    st.max_seq_length = args.max_length
+    st.encode(texts[: 2 * args.batch_size], batch_size=args.batch_size)
+    theirs, secs = timed(lambda: st.encode(texts, batch_size=args.batch_size, normalize_embeddings=True), args.device)
+    cos = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+    out = {"seconds": secs, "docs_per_s": len(texts) / secs, "min_cosine": float(cos.min()),
+           "max_abs_diff": float(np.abs(ours - theirs).max())}
+    print(f"sentence-transformers: {secs:.2f} s, {len(texts) / secs:.1f} docs/s; vs bge_ray min cosine "
+          f"{out['min_cosine']:.7f}, max |diff| {out['max_abs_diff']:.2e}", flush=True)
+    return out
 
 
 def evaluate(args, path, corpus_vecs, m3) -> dict:
@@ -169,6 +187,7 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--with-st", action="store_true", help="also time sentence-transformers and compare vectors")
     p.add_argument("--eval", action="store_true", help="also report nDCG@10 / recall@100 / MAP@10")
     p.add_argument("--json", default=None, help="write the report here")
     args = p.parse_args(argv)

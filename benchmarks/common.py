@@ -84,7 +84,7 @@ def timed(fn, device: str):
 def matmul_peak_flops(device: str, dtype: torch.dtype, n: int = 4096, iters: int = 10) -> float:
     """Achievable dense matmul FLOP/s on ``device`` in ``dtype`` (the roofline we report against)."""
     if device == "cpu":
-        n, iters = 1024, 5
+        n, iters = 2048, 5
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):

@@ -57,3 +57,23 @@ def tiny_qwen2(tiny_root, unigram_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_qwen2_lm(tiny_root, unigram_tokenizer):
     return tiny_models.build_qwen2(tiny_root / "qwen2-reranker-tiny", unigram_tokenizer, causal_lm=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private local Ray for the whole session, on loopback, stopped at the end."""
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="bgeray_", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_corpus():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "bge_ray" / "data" / "sample_corpus.jsonl"
