@@ -5,11 +5,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+
+# Run a command, printing its output without pip's warnings about index folders this machine lacks.
+quiet() {
+  local log rc=0
+  log=$(mktemp)
+  "$@" >"$log" 2>&1 || rc=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+  rm -f "$log"
+  return "$rc"
+}
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip show -q torch >/dev/null 2>&1 || .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+quiet .venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip show -q torch >/dev/null 2>&1 || quiet .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 if [ "${1:-}" = "dev" ]; then
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  quiet .venv/bin/python -m pip install -q -e ".[dev]"
 else
-  .venv/bin/python -m pip install -q -e .
+  quiet .venv/bin/python -m pip install -q -e .
 fi

@@ -78,6 +78,62 @@ class EmbedActor:
         )
 
 
+def embed_dataset(
+    ds,
+    spec: EmbedderSpec,
+    plan,
+    rows_per_call: int = 1024,
+    actor_class: type = EmbedActor,
+):
+    """Ray Data stage: ``{id, text}`` rows -> ``{id, embedding, n_tokens}`` through an actor pool.
+
+    ``plan`` is a :class:`bge_ray.batch.runtime.ActorPlan`; every caller (the embed job, mining,
+    evaluation) goes through here so models load once per actor and batches stay model-sized.
+    """
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        actor_class,
+        fn_constructor_kwargs={"spec": spec, "torch_threads": plan.torch_threads},
+        compute=ActorPoolStrategy(size=plan.num_actors),
+        batch_size=rows_per_call,
+        batch_format="pyarrow",
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus,
+    )
+
+
+def embed_texts(
+    ids: list[str],
+    texts: list[str],
+    spec: EmbedderSpec,
+    num_actors: int | None = None,
+    use_gpu: bool | None = None,
+    rows_per_call: int = 1024,
+) -> np.ndarray:
+    """Embed in-memory texts on the Ray actor pool; rows come back in input order."""
+    import ray.data
+
+    from bge_ray.io.shards import to_numpy
+
+    from .runtime import plan_actors
+
+    if len(ids) != len(texts):
+        raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
+    plan = plan_actors(num_actors, use_gpu)
+    order = {i: n for n, i in enumerate(ids)}
+    if len(order) != len(ids):
+        raise ValueError("ids passed to embed_texts must be unique")
+    ds = ray.data.from_arrow(pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())}))
+    out = None
+    for batch in embed_dataset(ds, spec, plan, rows_per_call).iter_batches(batch_format="pyarrow", batch_size=None):
+        emb = to_numpy(batch["embedding"])
+        if out is None:
+            out = np.zeros((len(ids), emb.shape[1]), dtype=np.float32)
+        out[[order[i] for i in batch["id"].to_pylist()]] = emb
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
 @dataclass
 class EmbedJobResult:
     output: str
@@ -109,22 +165,13 @@ def run_embed_job(
     interrupted run never leaves output that looks complete.
     """
     import ray
-    from ray.data import ActorPoolStrategy
 
     from .runtime import plan_actors
 
     t0 = time.perf_counter()
     plan = plan_actors(num_actors, use_gpu)
     ds = read_corpus(corpus, num_cpus=plan.read_cpus)
-    embedded = ds.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs={"spec": spec, "torch_threads": plan.torch_threads},
-        compute=ActorPoolStrategy(size=plan.num_actors),
-        batch_size=rows_per_call,
-        batch_format="pyarrow",
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus,
-    )
+    embedded = embed_dataset(ds, spec, plan, rows_per_call)
     os.makedirs(output, exist_ok=True)
     tmp = os.path.join(output, f".shards.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
