@@ -34,7 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
     p.add_argument("--max-tokens-per-batch", type=int, default=None, help="token budget per forward pass")
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--rows-per-call", type=int, default=1024, help="rows handed to an actor at a time")
+    p.add_argument("--rows-per-shard", "--rows-per-call", dest="rows_per_shard", type=int, default=50_000,
+                   help="rows per output shard: the unit of work, retry and resume")
+    p.add_argument("--on-bad-record", choices=["fail", "skip"], default="fail",
+                   help="fail at the first bad input row (naming file and line), or skip, count and report them")
+    p.add_argument("--overwrite", action="store_true", help="replace output of a different earlier job")
     p.add_argument("--id-field", default=None)
     p.add_argument("--text-fields", default=None, help="comma-separated, joined by a space (default: title,text)")
     p.add_argument("--format", default=None, choices=["json", "parquet", "csv"])
@@ -46,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bge_ray").setLevel(logging.INFO)
     init_ray(args.address)
     corpus = CorpusSpec(
         args.input,
@@ -65,7 +70,8 @@ def main(argv=None) -> int:
     )
     result = run_embed_job(
         corpus, args.output, spec, num_actors=args.num_actors, use_gpu=args.use_gpu,
-        rows_per_call=args.rows_per_call, index_kind=args.index,
+        rows_per_shard=args.rows_per_shard, index_kind=args.index, on_bad_record=args.on_bad_record,
+        overwrite=args.overwrite,
     )
     print(result.summary())
     return 0

@@ -28,7 +28,7 @@ def _corpus_rows(path):
 
 def test_embed_job_writes_complete_output(ray_local, sample_corpus, tmp_path):
     out = tmp_path / "out"
-    result = run_embed_job(CorpusSpec(str(sample_corpus)), str(out), EmbedderSpec(max_length=128), rows_per_call=16)
+    result = run_embed_job(CorpusSpec(str(sample_corpus)), str(out), EmbedderSpec(max_length=128), rows_per_shard=16)
     ids, texts = _corpus_rows(sample_corpus)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows"] == result.rows == len(ids) == manifest["unique_ids"]

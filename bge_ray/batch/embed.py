@@ -1,8 +1,10 @@
-"""The corpus embedding pipeline: read (Ray Data) -> embed (actor pool) -> parquet shards,
-manifest and faiss index, committed to the output folder only when complete."""
+"""Corpus embedding on Ray Data: the embedding actor stage shared by every job, and the resumable
+``embed_corpus`` pipeline (plan shards -> actors read, embed and commit each shard -> manifest ->
+faiss index)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,8 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bge_ray.io.atomic import write_json
-from bge_ray.io.readers import CorpusSpec, read_corpus
+from bge_ray.io.readers import CorpusSpec
 from bge_ray.io.shards import embedding_array, read_embeddings, shard_files
 
 logger = logging.getLogger(__name__)
@@ -143,11 +144,103 @@ class EmbedJobResult:
     manifest: dict
 
     def summary(self) -> str:
-        rate = self.rows / self.seconds if self.seconds else float("nan")
+        m = self.manifest
+        embed_s = m.get("embed_seconds") or self.seconds
+        rate = m.get("embedded_rows", self.rows) / embed_s if embed_s else float("nan")
+        skipped = f", {m['skipped_shards']} shards already done" if m.get("skipped_shards") else ""
+        bad = f", {m['bad_records']} bad records skipped" if m.get("bad_records") else ""
         return (
-            f"embedded {self.rows} rows ({self.tokens} tokens) in {self.seconds:.1f} s: "
-            f"{rate:.1f} docs/s, {self.tokens / max(self.seconds, 1e-9):.0f} tokens/s -> {self.output}"
+            f"embedded {self.rows} rows ({self.tokens} tokens) in {self.seconds:.1f} s "
+            f"(embedding {embed_s:.1f} s: {rate:.1f} docs/s, {m.get('embedded_tokens', self.tokens) / max(embed_s, 1e-9):.0f} "
+            f"tokens/s){skipped}{bad} -> {self.output}"
         )
+
+
+class ShardEmbedActor(EmbedActor):
+    """Reads one planned shard, embeds it and commits ``shards/part-NNNNN.parquet`` (temp + rename).
+
+    A retried call (the actor died) rewrites the same name, so every shard lands exactly once.
+    """
+
+    def __init__(self, spec: EmbedderSpec, torch_threads: int | None, output: str, id_field, text_fields,
+                 skip_bad: bool, fs=None):
+        super().__init__(spec, torch_threads)
+        self.output, self.id_field, self.text_fields = output, id_field, text_fields
+        self.skip_bad, self.fs = skip_bad, fs
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from bge_ray.io.sharding import Shard, read_shard
+
+        out = []
+        for d in batch.to_pylist():
+            t0 = time.perf_counter()
+            shard = Shard(**d)
+            _maybe_inject_fault(self.output, shard.index)
+            rows, bad = read_shard(shard, self.id_field, self.text_fields, self.fs, self.skip_bad)
+            emb = self.model.encode_corpus(rows["text"].to_pylist(), batch_size=self.spec.batch_size,
+                                           max_length=self.spec.max_length)
+            dim = self.model.dim if len(rows) == 0 else emb.shape[1]
+            emb = np.asarray(emb, dtype=np.float32).reshape(len(rows), dim)
+            n_tokens = np.asarray(self.model.last_token_counts, dtype=np.int32)
+            table = pa.table({"id": rows["id"], "embedding": embedding_array(emb), "n_tokens": pa.array(n_tokens)})
+            write_parquet_atomic(table, os.path.join(self.output, "shards", shard.name))
+            out.append({"index": shard.index, "rows": len(rows), "tokens": int(n_tokens.sum()), "dim": dim,
+                        "bad": json.dumps(bad[:20]), "n_bad": len(bad), "seconds": time.perf_counter() - t0})
+        return pa.Table.from_pylist(out)
+
+
+def _maybe_inject_fault(output: str, shard_index: int) -> None:
+    """Test hook: ``BGE_RAY_FAULT=exit:N`` kills the actor process (once) when it reaches shard N,
+    ``raise:N`` raises instead; the marker file makes the fault happen on the first attempt only."""
+    spec = os.environ.get("BGE_RAY_FAULT", "")
+    if not spec:
+        return
+    kind, _, n = spec.partition(":")
+    if str(shard_index) != n:
+        return
+    marker = os.path.join(output, f".fault-{shard_index}")
+    if os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    if kind == "exit":
+        os._exit(1)
+    raise RuntimeError(f"injected failure at shard {shard_index}")
+
+
+def write_parquet_atomic(table: pa.Table, path: str) -> None:
+    from bge_ray.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int) -> dict:
+    """The job's identity: inputs (with sizes and mtimes), fields, model and shard boundaries."""
+    import ray
+
+    from bge_ray.io.readers import detect_format, expand_paths
+    from bge_ray.io.sharding import file_fingerprint, plan_file
+
+    files, fs = expand_paths(corpus.path)
+    fmt = detect_format(files, corpus.format)
+    plan_remote = ray.remote(num_cpus=0.25)(plan_file)
+    per_file = ray.get([plan_remote.remote(f, fmt, rows_per_shard, fs) for f in files])
+    shards = []
+    for file_shards in per_file:
+        for d in file_shards:
+            shards.append({"index": len(shards), "offset": None, "first_line": None, **d})
+    if not shards:
+        raise ValueError(f"input {corpus.path} holds no rows ({len(files)} file(s), all empty)")
+    return {
+        "input": corpus.path,
+        "files": [file_fingerprint(f, fs) for f in files],
+        "format": fmt,
+        "id_field": corpus.id_field,
+        "text_fields": list(corpus.text_fields) if corpus.text_fields else None,
+        "rows_per_shard": rows_per_shard,
+        "embedder": asdict(spec),
+        "shards": shards,
+    }
 
 
 def run_embed_job(
@@ -156,82 +249,167 @@ def run_embed_job(
     spec: EmbedderSpec,
     num_actors: int | None = None,
     use_gpu: bool | None = None,
-    rows_per_call: int = 1024,
+    rows_per_shard: int = 50_000,
     index_kind: str | None = "flat",
+    on_bad_record: str = "fail",
+    overwrite: bool = False,
 ) -> EmbedJobResult:
-    """Embed ``corpus`` into ``output``/shards/*.parquet + manifest.json (+ index.faiss, ids.parquet).
+    """Embed ``corpus`` into ``output``: ``shards/part-*.parquet``, ``manifest.json``, ``index.faiss``.
 
-    Results land in a temp folder and are renamed into place after every row is accounted for, so an
-    interrupted run never leaves output that looks complete.
+    Resumable: ``plan.json`` fixes the shard boundaries; a rerun of the same command embeds only the
+    shards not yet committed. ``manifest.json`` is written last, after every planned row is
+    accounted for and every id is found unique, so its presence means the output is complete.
     """
     import ray
 
+    from bge_ray.io.atomic import write_json
+    from bge_ray.io.sharding import plan_digest
+
     from .runtime import plan_actors
 
+    if on_bad_record not in ("fail", "skip"):
+        raise ValueError(f"on_bad_record must be 'fail' or 'skip', got {on_bad_record!r}")
+    if "://" in output:
+        raise ValueError("--output must be a local or shared-filesystem path (object-store output is not supported yet)")
     t0 = time.perf_counter()
-    plan = plan_actors(num_actors, use_gpu)
-    ds = read_corpus(corpus, num_cpus=plan.read_cpus)
-    embedded = embed_dataset(ds, spec, plan, rows_per_call)
-    os.makedirs(output, exist_ok=True)
-    tmp = os.path.join(output, f".shards.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    embedded.write_parquet(tmp, min_rows_per_file=rows_per_call, ray_remote_args={"num_cpus": plan.read_cpus})
-    ray_seconds = time.perf_counter() - t0
+    plan = plan_job(corpus, spec, rows_per_shard)
+    digest = plan_digest(plan)
+    shard_dir = os.path.join(output, "shards")
+    plan_file = os.path.join(output, "plan.json")
+    if overwrite and os.path.isdir(output):
+        for name in ("shards", "manifest.json", "plan.json", "index.faiss", "ids.parquet"):
+            p = os.path.join(output, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.unlink(p)
+    if os.path.exists(plan_file):
+        with open(plan_file, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("digest") != digest:
+            raise ValueError(
+                f"{output} holds the output of a different job (input files, fields, model or shard size "
+                f"changed); pass --overwrite to replace it or choose another --output"
+            )
+    elif os.path.isdir(shard_dir) and os.listdir(shard_dir):
+        raise ValueError(f"{shard_dir} holds shards but no plan.json; pass --overwrite or choose another --output")
+    os.makedirs(shard_dir, exist_ok=True)
+    write_json(plan_file, {"digest": digest, **plan})
 
-    files = shard_files(tmp)
-    shards, rows, tokens, seen = [], 0, 0, set()
-    dim = None
-    for i, f in enumerate(files):
-        table = pq.read_table(f, columns=["id", "n_tokens", "embedding"])
-        ids = table["id"].to_pylist()
-        dup = next((x for x in ids if x in seen), None) if len(seen.intersection(ids)) else None
-        if dup is not None or len(set(ids)) != len(ids):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ValueError(f"{corpus.path}: duplicate id {dup or _first_dup(ids)!r}: ids must be unique")
-        seen.update(ids)
-        dim = table.schema.field("embedding").type.list_size
-        name = f"part-{i:05d}.parquet"
-        os.replace(f, os.path.join(tmp, name))
-        shards.append({"file": f"shards/{name}", "rows": table.num_rows})
-        rows += table.num_rows
-        tokens += int(np.asarray(table["n_tokens"]).sum())
-    final = os.path.join(output, "shards")
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    shards = plan["shards"]
+    done = {s["index"] for s in shards if os.path.exists(os.path.join(shard_dir, f"part-{s['index']:05d}.parquet"))}
+    pending = [s for s in shards if s["index"] not in done]
+    logger.info("%d shards planned, %d already committed, %d to embed", len(shards), len(done), len(pending))
+    results: list[dict] = []
+    t_embed = time.perf_counter()
+    if pending:
+        import ray.data
+        from ray.data import ActorPoolStrategy
 
-    manifest = {
-        "input": corpus.path,
-        "model": spec.model or "bundled:sentence-transformers/all-MiniLM-L6-v2",
-        "embedder": asdict(spec),
-        "dim": dim,
-        "normalized": spec.normalize_embeddings,
-        "rows": rows,
-        "unique_ids": len(seen),
-        "tokens": tokens,
-        "shards": shards,
-        "num_actors": plan.num_actors,
-        "embed_seconds": round(ray_seconds, 3),
-    }
-    if index_kind and index_kind != "none" and rows:
-        from bge_ray.index.faiss_index import build_index, save_index
-
-        ids, emb = read_embeddings(final)
-        save_index(build_index(emb, index_kind), os.path.join(output, "index.faiss"))
-        pq.write_table(pa.table({"id": ids}), os.path.join(output, "ids.parquet"))
-        manifest["index"] = {"kind": index_kind, "file": "index.faiss", "ids": "ids.parquet"}
+        actors = plan_actors(num_actors, use_gpu)
+        n_actors = min(actors.num_actors, len(pending))
+        ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+        text_fields = tuple(corpus.text_fields) if corpus.text_fields else None
+        out = ds.map_batches(
+            ShardEmbedActor,
+            fn_constructor_kwargs=dict(spec=spec, torch_threads=actors.torch_threads, output=output,
+                                       id_field=corpus.id_field, text_fields=text_fields,
+                                       skip_bad=on_bad_record == "skip"),
+            compute=ActorPoolStrategy(size=n_actors),
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=actors.num_cpus,
+            num_gpus=actors.num_gpus,
+        )
+        results = out.take_all()
+    embed_seconds = time.perf_counter() - t_embed
+    manifest = _verify_and_describe(plan, output, results)
+    manifest.update(
+        digest=digest,
+        skipped_shards=len(done),
+        embedded_shards=len(pending),
+        embedded_rows=sum(r["rows"] for r in results),
+        embedded_tokens=sum(r["tokens"] for r in results),
+        embed_seconds=round(embed_seconds, 3),
+        num_actors=min(plan_actors(num_actors, use_gpu).num_actors, len(pending)) if pending else 0,
+    )
+    if index_kind and index_kind != "none":
+        t_index = time.perf_counter()
+        manifest["index"] = build_shard_index(output, index_kind)
+        manifest["index"]["seconds"] = round(time.perf_counter() - t_index, 3)
     seconds = time.perf_counter() - t0
     manifest["seconds"] = round(seconds, 3)
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json(os.path.join(output, "manifest.json"), manifest)
     del ray
-    return EmbedJobResult(output, rows, tokens, seconds, manifest)
+    return EmbedJobResult(output, manifest["rows"], manifest["tokens"], seconds, manifest)
 
 
-def _first_dup(ids: list[str]) -> str | None:
-    seen = set()
-    for x in ids:
-        if x in seen:
-            return x
-        seen.add(x)
-    return None
+def _verify_and_describe(plan: dict, output: str, results: list[dict]) -> dict:
+    """Every planned shard committed, row counts add up, ids unique; else raise (no manifest)."""
+    bad_by_shard = {r["index"]: (r["n_bad"], json.loads(r["bad"])) for r in results}
+    shards, rows, tokens, seen, dim, bad, bad_examples = [], 0, 0, {}, None, 0, []
+    for s in plan["shards"]:
+        path = os.path.join(output, "shards", f"part-{s['index']:05d}.parquet")
+        if not os.path.exists(path):
+            raise RuntimeError(f"shard {s['index']} ({s['file']} rows {s['start']}..) was not committed")
+        table = pq.read_table(path, columns=["id", "n_tokens"])
+        n_bad, examples = bad_by_shard.get(s["index"], (s["rows"] - table.num_rows, []))
+        if table.num_rows + n_bad != s["rows"]:
+            raise RuntimeError(
+                f"shard {s['index']} holds {table.num_rows} rows (+{n_bad} skipped), planned {s['rows']}: "
+                f"did {s['file']} change while the job ran?"
+            )
+        for i in table["id"].to_pylist():
+            if i in seen:
+                raise ValueError(
+                    f"duplicate id {i!r}: in {s['file']} (shard {s['index']}) and shard {seen[i]}; ids must be "
+                    f"unique, no manifest was written"
+                )
+            seen[i] = s["index"]
+        dim = dim or pq.read_schema(path).field("embedding").type.list_size
+        bad += n_bad
+        bad_examples += examples
+        rows += table.num_rows
+        tokens += int(np.asarray(table["n_tokens"]).sum())
+        shards.append({"file": f"shards/{os.path.basename(path)}", "rows": table.num_rows, "input": s["file"],
+                       "start": s["start"]})
+    spec = plan["embedder"]
+    return {
+        "input": plan["input"],
+        "model": spec["model"] or "bundled:sentence-transformers/all-MiniLM-L6-v2",
+        "embedder": spec,
+        "dim": dim,
+        "normalized": spec["normalize_embeddings"],
+        "rows": rows,
+        "unique_ids": len(seen),
+        "tokens": tokens,
+        "bad_records": bad,
+        "bad_record_examples": bad_examples[:20],
+        "shards": shards,
+    }
+
+
+def build_shard_index(output: str, kind: str = "flat") -> dict:
+    """A faiss index over every shard (added shard by shard) plus ``ids.parquet`` (row -> id)."""
+    from bge_ray.index.faiss_index import build_index, save_index
+    from bge_ray.io.atomic import atomic_path
+    from bge_ray.io.shards import to_numpy
+
+    files = shard_files(os.path.join(output, "shards"))
+    ids: list[str] = []
+    index = None
+    if kind in ("flat", "hnsw"):
+        for f in files:
+            t = pq.read_table(f, columns=["id", "embedding"])
+            emb = to_numpy(t["embedding"])
+            if index is None:
+                index = build_index(emb, kind)
+            else:
+                index.add(emb)
+            ids += t["id"].to_pylist()
+    else:
+        # IVF variants train on the whole set's distribution, so read it once.
+        ids, emb = read_embeddings(os.path.join(output, "shards"))
+        index = build_index(emb, kind)
+    save_index(index, os.path.join(output, "index.faiss"))
+    with atomic_path(os.path.join(output, "ids.parquet")) as tmp:
+        pq.write_table(pa.table({"id": pa.array(ids, pa.string())}), tmp)
+    return {"kind": kind, "file": "index.faiss", "ids": "ids.parquet", "ntotal": int(index.ntotal)}

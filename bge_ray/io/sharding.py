@@ -1,0 +1,207 @@
+"""Deterministic shards of an input corpus, so a job can be resumed shard by shard.
+
+A shard is a fixed row range of one input file. Planning counts rows (jsonl: one pass over the
+bytes, remembering where every shard starts; parquet: metadata only; csv: one read); reading a
+shard parses only its rows and checks them, naming file and line for every bad record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from .readers import join_text, pick_fields
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    file: str
+    format: str  # json | parquet | csv
+    start: int  # first row (0-based, blank jsonl lines not counted)
+    rows: int
+    offset: int | None = None  # jsonl: byte offset of the first row
+    first_line: int | None = None  # jsonl: 1-based line number of the first row
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}.parquet"
+
+
+class BadRecordError(ValueError):
+    """An input row that cannot be embedded; the message names file and line (or row)."""
+
+
+def _open(path: str, fs: pafs.FileSystem | None):
+    if fs is None:
+        return open(path, "rb")
+    return fs.open_input_file(path)
+
+
+def file_fingerprint(path: str, fs: pafs.FileSystem | None) -> dict:
+    if fs is None:
+        st = os.stat(path)
+        return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    info = fs.get_file_info(path)
+    return {"path": path, "size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def plan_file(path: str, fmt: str, rows_per_shard: int, fs: pafs.FileSystem | None = None) -> list[dict]:
+    """Shard boundaries of one file, as dicts (``Shard`` fields without ``index``)."""
+    if fmt == "json" and not path.endswith(".gz"):
+        return _plan_jsonl(path, rows_per_shard, fs)
+    n = _count_rows(path, fmt, fs)
+    return [
+        {"file": path, "format": fmt, "start": s, "rows": min(rows_per_shard, n - s)}
+        for s in range(0, n, rows_per_shard)
+    ]
+
+
+def _plan_jsonl(path: str, rows_per_shard: int, fs) -> list[dict]:
+    shards, rows, offset, line_no = [], 0, 0, 0
+    current = None
+    with _open(path, fs) as f:
+        for line in f:
+            line_no += 1
+            if line.strip():
+                if rows % rows_per_shard == 0:
+                    current = {"file": path, "format": "json", "start": rows, "rows": 0, "offset": offset,
+                               "first_line": line_no}
+                    shards.append(current)
+                current["rows"] += 1
+                rows += 1
+            offset += len(line)
+    return shards
+
+
+def _count_rows(path: str, fmt: str, fs) -> int:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with _open(path, fs) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    return _read_whole(path, fmt, fs).num_rows
+
+
+def _read_whole(path: str, fmt: str, fs) -> pa.Table:
+    with _open(path, fs) as f:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(f)
+        if fmt == "csv":
+            import pyarrow.csv as pacsv
+
+            delim = "\t" if path.lower().removesuffix(".gz").endswith(".tsv") else ","
+            return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=delim))
+        import gzip
+
+        lines = gzip.decompress(f.read()).splitlines() if path.endswith(".gz") else f.read().splitlines()
+        rows = [_parse_json(line, path, n) for n, line in enumerate(lines, 1) if line.strip()]
+        return pa.Table.from_pylist(rows)
+
+
+def _parse_json(line: bytes, path: str, line_no: int) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BadRecordError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise BadRecordError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def read_shard(
+    shard: Shard,
+    id_field: str | None,
+    text_fields: tuple[str, ...] | None,
+    fs: pafs.FileSystem | None = None,
+    skip_bad: bool = False,
+) -> tuple[pa.Table, list[str]]:
+    """The shard's ``{id, text}`` rows and, with ``skip_bad``, where each skipped bad record was."""
+    if shard.format == "json" and shard.offset is not None:
+        return _read_jsonl_shard(shard, id_field, text_fields, fs, skip_bad)
+    table = _read_whole(shard.file, shard.format, fs).slice(shard.start, shard.rows)
+    idf, tf = pick_fields(table.column_names, id_field, text_fields, shard.file)
+    ids, texts, bad = [], [], []
+    for k, (i, row) in enumerate(zip(table[idf].to_pylist(), table.select(list(tf)).to_pylist(), strict=True)):
+        where = f"{shard.file}: row {shard.start + k + 1}"
+        problem = _check(i, row, idf, tf)
+        if problem:
+            if not skip_bad:
+                raise BadRecordError(f"{where}: {problem}")
+            bad.append(f"{where}: {problem}")
+            continue
+        ids.append(str(i))
+        texts.append(row)
+    return _rows_table(ids, texts, tf), bad
+
+
+def _read_jsonl_shard(shard, id_field, text_fields, fs, skip_bad):
+    ids, rows, bad = [], [], []
+    idf = tf = None
+    with _open(shard.file, fs) as f:
+        f.seek(shard.offset)
+        line_no, seen = shard.first_line - 1, 0
+        while seen < shard.rows:
+            line = f.readline()
+            if not line:
+                raise BadRecordError(f"{shard.file}: ended after line {line_no}; did the file change since planning?")
+            line_no += 1
+            if not line.strip():
+                continue
+            seen += 1
+            where = f"{shard.file}:{line_no}"
+            try:
+                row = _parse_json(line, shard.file, line_no)
+                if idf is None:
+                    idf, tf = pick_fields(list(row), id_field, text_fields, where)
+                problem = _check(row.get(idf), row, idf, tf)
+            except (BadRecordError, ValueError) as exc:
+                problem = str(exc).removeprefix(f"{where}: ")
+                row = None
+            if problem:
+                if not skip_bad:
+                    raise BadRecordError(f"{where}: {problem}")
+                bad.append(f"{where}: {problem}")
+                continue
+            ids.append(str(row[idf]))
+            rows.append({k: row.get(k) for k in tf})
+    return _rows_table(ids, rows, tf or ("text",)), bad
+
+
+def _check(id_value, row: dict, idf: str, tf: tuple[str, ...]) -> str | None:
+    if id_value is None or (isinstance(id_value, str) and not id_value.strip()):
+        return f"missing id field {idf!r}"
+    if isinstance(id_value, (dict, list, float)):
+        return f"id field {idf!r} must be a string or integer, got {type(id_value).__name__}"
+    present = [f for f in tf if row.get(f) is not None]
+    if not present:
+        return f"missing text field(s) {list(tf)}"
+    for f in present:
+        if not isinstance(row[f], str):
+            return f"text field {f!r} must be a string, got {type(row[f]).__name__}"
+    return None
+
+
+def _rows_table(ids: list[str], rows: list[dict], tf: tuple[str, ...]) -> pa.Table:
+    cols = {f: pa.array([r.get(f) for r in rows], pa.string()) for f in tf}
+    text = join_text(pa.table(cols), tf) if rows else pa.array([], pa.string())
+    return pa.table({"id": pa.array(ids, pa.string()), "text": text})
+
+
+def plan_digest(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shards_from_plan(plan: dict) -> list[Shard]:
+    return [Shard(**s) for s in plan["shards"]]
+
+
+def shard_dicts(shards: list[Shard]) -> list[dict]:
+    return [asdict(s) for s in shards]
