@@ -253,11 +253,13 @@ def run_embed_job(
     index_kind: str | None = "flat",
     on_bad_record: str = "fail",
     overwrite: bool = False,
+    runtime_env: dict | None = None,
 ) -> EmbedJobResult:
     """Embed ``corpus`` into ``output``: ``shards/part-*.parquet``, ``manifest.json``, ``index.faiss``.
 
     Resumable: ``plan.json`` fixes the shard boundaries; a rerun of the same command embeds only the
-    shards not yet committed. ``manifest.json`` is written last, after every planned row is
+    shards not yet committed. ``runtime_env`` goes to the embedding actors (env vars, pip packages).
+    ``manifest.json`` is written last, after every planned row is
     accounted for and every id is found unique, so its presence means the output is complete.
     """
     import ray
@@ -317,6 +319,7 @@ def run_embed_job(
             batch_format="pyarrow",
             num_cpus=actors.num_cpus,
             num_gpus=actors.num_gpus,
+            **({"runtime_env": runtime_env} if runtime_env else {}),
         )
         results = out.take_all()
     embed_seconds = time.perf_counter() - t_embed
