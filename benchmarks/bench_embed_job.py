@@ -1,0 +1,273 @@
+"""The corpus embedding job (jobs/embed_corpus.py on a local Ray) vs FlagEmbedding's encode_corpus, same run.
+
+    python benchmarks/bench_embed_job.py --json benchmarks/results/cpu_embed_job_msmarco.json
+    python benchmarks/bench_embed_job.py --limit 200          # quick check that it all runs
+
+Both sides get the same texts (msmarco-subset: title + " " + text, 5000 passages), the bundled
+all-MiniLM-L6-v2, mean pooling, fp32, batch size 64, max length 256:
+
+(a) FlagEmbedding ``FlagModel(...).encode_corpus(texts)`` in this process, timed after a warm-up;
+(b) ``python jobs/embed_corpus.py --num-actors N --index none`` as a subprocess, for each N in
+    --actors, timed two ways: the subprocess's wall time (interpreter, imports, Ray start-up and
+    shutdown included) and the job's own figure from its manifest, which excludes Ray start-up
+    (``embed_seconds``: read -> embed -> write; ``seconds``: that plus the shard commit).
+
+Prints docs/s and tokens/s for each, the ratios ours / FlagEmbedding (per actor count, both ways)
+and N actors / 1 actor, and the largest difference between the job's vectors and FlagEmbedding's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import REPO, SHARED  # noqa: E402
+
+JOB = REPO / "jobs" / "embed_corpus.py"
+SUMMARY_RE = re.compile(r"embedded (\d+) rows(?: \((\d+) tokens\))? in ([0-9.]+) s")
+
+
+def load_corpus(folder: Path, limit: int | None) -> tuple[list[str], list[str]]:
+    """BEIR corpus ids and texts (title + " " + text when there is a title), first ``limit`` rows."""
+    ids, texts = [], []
+    with open(folder / "corpus.jsonl", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if limit and len(ids) >= limit:
+                break
+            try:
+                d = json.loads(line)
+                title = (d.get("title") or "").strip()
+                text = d["text"].strip()
+                ids.append(str(d["_id"]))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{folder / 'corpus.jsonl'}:{n}: expected a BEIR row with _id and text ({e})") from e
+            texts.append(f"{title} {text}" if title else text)
+    return ids, texts
+
+
+def write_job_input(folder: Path, ids: list[str], texts: list[str]) -> None:
+    """The exact texts FlagEmbedding gets, as a BEIR folder with no titles, so both sides see the same."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for i, t in zip(ids, texts, strict=True):
+            f.write(json.dumps({"_id": i, "text": t}, ensure_ascii=False) + "\n")
+
+
+def count_tokens(model_path: str, texts: list[str], max_length: int) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    enc = tok(texts, truncation=True, max_length=max_length, add_special_tokens=True)
+    return sum(len(x) for x in enc["input_ids"])
+
+
+def run_flagembedding(model_path: str, texts: list[str], args) -> tuple[dict, np.ndarray]:
+    import torch
+    from FlagEmbedding import FlagModel
+
+    model = FlagModel(
+        model_path, pooling_method="mean", use_fp16=False, devices="cpu",
+        batch_size=args.batch_size, passage_max_length=args.max_length,
+    )
+    model.encode_corpus(texts[: min(len(texts), 2 * args.batch_size)])  # warm-up
+    t0 = time.perf_counter()
+    emb = np.asarray(model.encode_corpus(texts), dtype=np.float32)
+    seconds = time.perf_counter() - t0
+    del model
+    gc.collect()
+    return {"seconds": round(seconds, 3), "torch_threads": torch.get_num_threads()}, emb
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # a private local Ray, as `python jobs/embed_corpus.py` on a laptop
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def read_job_embeddings(out: Path, manifest: dict | None) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    if manifest and manifest.get("shards"):
+        files = [out / s["file"] for s in manifest["shards"]]
+    else:
+        files = sorted((out / "shards").glob("*.parquet"))
+    got = {}
+    for f in files:
+        t = pq.read_table(f, columns=["id", "embedding"])
+        emb = np.asarray(t["embedding"].combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
+        got.update(zip(t["id"].to_pylist(), emb, strict=True))
+    return got
+
+
+def run_job(input_dir: Path, out: Path, num_actors: int, args) -> dict:
+    cmd = [
+        sys.executable, str(JOB), "--input", str(input_dir), "--output", str(out),
+        "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+        "--num-actors", str(num_actors), "--index", "none",
+    ]
+    if args.rows_per_call:
+        cmd += ["--rows-per-call", str(args.rows_per_call)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=job_env(), cwd=out.parent, timeout=args.timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    res: dict = {"num_actors": num_actors, "wall_seconds": round(wall, 3)}
+    manifest = None
+    if (out / "manifest.json").is_file():
+        manifest = json.loads((out / "manifest.json").read_text())
+        res.update(
+            rows=manifest.get("rows"), tokens=manifest.get("tokens"),
+            embed_seconds=manifest.get("embed_seconds"), job_seconds=manifest.get("seconds"),
+        )
+    m = None
+    for line in proc.stdout.splitlines():
+        m = SUMMARY_RE.search(line) or m
+    if m:  # the job's last summary line: the fallback when the manifest lacks a field
+        res.setdefault("rows", int(m.group(1)))
+        if m.group(2):
+            res.setdefault("tokens", int(m.group(2)))
+        res["summary_seconds"] = float(m.group(3))
+        if res.get("job_seconds") is None:
+            res["job_seconds"] = float(m.group(3))
+    res["_manifest"] = manifest
+    return res
+
+
+def rate(n: int, seconds: float | None) -> float | None:
+    return round(n / seconds, 2) if seconds else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(SHARED / "beir" / "msmarco-subset"), help="BEIR folder (corpus.jsonl)")
+    p.add_argument("--limit", type=int, default=None, help="first N passages only (a quick run)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="job runs, one per actor count")
+    p.add_argument("--rows-per-call", type=int, default=None, help="passed to the job (default: the job's)")
+    p.add_argument("--no-peer", action="store_true", help="skip FlagEmbedding")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per job run")
+    p.add_argument("--keep", default=None, help="keep the job outputs in this folder")
+    p.add_argument("--json", default=None, help="write the report here")
+    args = p.parse_args(argv)
+
+    from bge_ray.models import bundled_model_path
+
+    model_path = str(bundled_model_path())
+    ids, texts = load_corpus(Path(args.data), args.limit)
+    n = len(ids)
+    n_tokens = count_tokens(model_path, texts, args.max_length)
+    work = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="bench_embed_job_"))
+    work.mkdir(parents=True, exist_ok=True)
+    input_dir = work / "input"
+    write_job_input(input_dir, ids, texts)
+    print(f"{n} passages, {n_tokens} tokens at max_length {args.max_length} ({args.data}); "
+          f"batch size {args.batch_size}, fp32, {os.cpu_count()} CPUs", flush=True)
+
+    report: dict = {
+        "data": args.data, "passages": n, "tokens": n_tokens, "batch_size": args.batch_size,
+        "max_length": args.max_length, "model": model_path,
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version()},
+        "versions": {}, "flagembedding": None, "job": [], "ratios": {},
+    }
+    for dist in ("torch", "transformers", "ray", "FlagEmbedding"):
+        try:
+            report["versions"][dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            report["versions"][dist] = None
+
+    fe_emb = None
+    try:
+        if not args.no_peer:
+            fe, fe_emb = run_flagembedding(model_path, texts, args)
+            fe.update(docs_per_s=rate(n, fe["seconds"]), tokens_per_s=rate(n_tokens, fe["seconds"]))
+            report["flagembedding"] = fe
+            print(f"FlagEmbedding encode_corpus: {fe['seconds']:.1f} s, {fe['docs_per_s']} docs/s, "
+                  f"{fe['tokens_per_s']} tokens/s", flush=True)
+        for k in args.actors:
+            out = work / f"out_actors{k}"
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_job(input_dir, out, k, args)
+            manifest = r.pop("_manifest")
+            if r.get("rows") != n:
+                raise RuntimeError(f"job with {k} actor(s) reported {r.get('rows')} rows, expected {n}")
+            for key in ("wall_seconds", "job_seconds", "embed_seconds"):
+                r[key.replace("seconds", "docs_per_s")] = rate(n, r.get(key))
+            r["startup_seconds"] = round(r["wall_seconds"] - r["job_seconds"], 3) if r.get("job_seconds") else None
+            if fe_emb is not None:
+                got = read_job_embeddings(out, manifest)
+                missing = [i for i in ids if i not in got]
+                if missing:
+                    raise RuntimeError(f"job output lacks {len(missing)} ids, e.g. {missing[:3]}")
+                r["max_abs_diff_vs_flagembedding"] = float(np.abs(np.stack([got[i] for i in ids]) - fe_emb).max())
+            report["job"].append(r)
+            print(f"job, {k} actor(s): wall {r['wall_seconds']:.1f} s ({r['wall_docs_per_s']} docs/s); "
+                  f"job {r.get('job_seconds')} s ({r.get('job_docs_per_s')} docs/s); "
+                  f"embed stage {r.get('embed_seconds')} s ({r.get('embed_docs_per_s')} docs/s); "
+                  f"start-up + shutdown {r['startup_seconds']} s"
+                  + (f"; max |ours - FE| {r['max_abs_diff_vs_flagembedding']:.2e}" if fe_emb is not None else ""),
+                  flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    fe_rate = report["flagembedding"]["docs_per_s"] if report["flagembedding"] else None
+    by_k = {r["num_actors"]: r for r in report["job"]}
+    ratios = report["ratios"]
+    for k, r in by_k.items():
+        for how in ("job", "embed", "wall"):
+            ratios[f"ours_{k}actor_{how}/flagembedding"] = ratio(r.get(f"{how}_docs_per_s"), fe_rate)
+    base = by_k.get(min(by_k)) if by_k else None
+    for k, r in by_k.items():
+        if base is not None and k != base["num_actors"]:
+            for how in ("job", "wall"):
+                ratios[f"{k}actors/{base['num_actors']}actor_{how}"] = ratio(
+                    r.get(f"{how}_docs_per_s"), base.get(f"{how}_docs_per_s"))
+
+    print("\n| run | seconds | docs/s | tokens/s |\n|---|---|---|---|")
+    if fe_rate:
+        fe = report["flagembedding"]
+        print(f"| FlagEmbedding encode_corpus | {fe['seconds']:.1f} | {fe_rate} | {fe['tokens_per_s']} |")
+    for k, r in by_k.items():
+        for label, key in (("job figure", "job_seconds"), ("subprocess wall", "wall_seconds")):
+            s = r.get(key)
+            if s:
+                print(f"| job, {k} actor(s), {label} | {s:.1f} | {rate(n, s)} | {rate(n_tokens, s)} |")
+    print("\nratios (docs/s):")
+    for key, v in ratios.items():
+        print(f"  {key}: {v}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report -> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
