@@ -1,0 +1,595 @@
+"""Hard-negative mining (FlagEmbedding's ``scripts/hn_mine.py``) on the Ray embedding path.
+
+Corpus and queries are embedded by the actor pool (:func:`bge_ray.batch.embed.embed_texts`), a flat
+inner-product faiss index is searched in query chunks, and each line's negatives are sampled from the
+candidates ranked ``[start, end)`` that are neither a positive nor the query itself. On top of
+FlagEmbedding: a score filter against the best positive (``max_score_ratio`` / ``min_margin``) to
+drop likely false negatives, a per-text embedding cache reused across runs, and ``seed``-determinism
+that does not depend on chunk sizes or actor counts.
+
+The training-jsonl reader / writer used by the teacher-scoring job lives here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import pyarrow as pa
+
+from bge_ray.batch.embed import EmbedActor, EmbedderSpec, embed_dataset
+from bge_ray.io.atomic import atomic_path, write_json
+from bge_ray.io.shards import embedding_array, shard_files, to_numpy
+
+logger = logging.getLogger(__name__)
+
+#: ``--query_instruction_for_retrieval auto``: take the model registry's default query instruction.
+AUTO_INSTRUCTION = "auto"
+
+
+# -- training data ------------------------------------------------------------------------------
+class TrainingDataError(ValueError):
+    """A malformed input line; the message starts with ``file:line:``."""
+
+
+def _check_str_list(path: str, lineno: int, rec: dict, key: str, non_empty: bool) -> None:
+    value = rec[key]
+    if isinstance(value, str) or not isinstance(value, list):
+        raise TrainingDataError(f"{path}:{lineno}: {key!r} must be a list of strings, got {type(value).__name__}")
+    if non_empty and not value:
+        raise TrainingDataError(f"{path}:{lineno}: {key!r} is empty; expected at least one passage")
+    for j, p in enumerate(value):
+        if not isinstance(p, str):
+            raise TrainingDataError(
+                f"{path}:{lineno}: {key}[{j}] must be a string, got {type(p).__name__} ({json.dumps(p)[:60]})"
+            )
+
+
+def _json_lines(path: str):
+    """(line number, parsed object) for each non-blank line; errors name file and line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrainingDataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise TrainingDataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            yield lineno, rec
+
+
+def read_training_jsonl(path: str) -> list[dict]:
+    """FlagEmbedding training lines ``{"query": str, "pos": [str, ...], "neg": [str, ...], ...}``.
+
+    ``query`` and a non-empty ``pos`` are required, ``neg`` is optional; other fields are kept as
+    they are. Blank lines are skipped.
+    """
+    records = []
+    for lineno, rec in _json_lines(path):
+        for key in ("query", "pos"):
+            if key not in rec:
+                raise TrainingDataError(f"{path}:{lineno}: missing {key!r} (fields: {sorted(rec)})")
+        if not isinstance(rec["query"], str):
+            raise TrainingDataError(f"{path}:{lineno}: 'query' must be a string, got {type(rec['query']).__name__}")
+        _check_str_list(path, lineno, rec, "pos", non_empty=True)
+        if "neg" in rec:
+            _check_str_list(path, lineno, rec, "neg", non_empty=False)
+        records.append(rec)
+    if not records:
+        raise TrainingDataError(f"{path}: no training lines")
+    return records
+
+
+def read_candidate_pool(path: str) -> list[str]:
+    """``{"text": str}`` per line (other fields ignored), as FlagEmbedding's ``--candidate_pool``."""
+    texts = []
+    for lineno, rec in _json_lines(path):
+        if "text" not in rec:
+            raise TrainingDataError(f"{path}:{lineno}: missing 'text' (fields: {sorted(rec)})")
+        if not isinstance(rec["text"], str):
+            raise TrainingDataError(f"{path}:{lineno}: 'text' must be a string, got {type(rec['text']).__name__}")
+        texts.append(rec["text"])
+    if not texts:
+        raise TrainingDataError(f"{path}: empty candidate pool")
+    return texts
+
+
+def write_jsonl(path: str, records: Sequence[dict]) -> None:
+    """One JSON object per line (UTF-8, not ASCII-escaped), written to a temp name then renamed."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+# -- job helpers (shared by jobs/mine_hard_negatives.py and jobs/score_teacher.py) -----------------
+def hf_bool(text: str) -> bool:
+    """argparse type for HfArgumentParser-style booleans: ``--flag``, ``--flag True``, ``--flag false``."""
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "y", "t"):
+        return True
+    if value in ("0", "false", "no", "n", "f"):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+
+
+def actors_for_devices(devices: Sequence[str] | None) -> tuple[int | None, bool | None]:
+    """FlagEmbedding's ``--devices cuda:0 cuda:1`` -> (num_actors, use_gpu); None leaves both to Ray."""
+    if not devices:
+        return None, None
+    gpu = [d for d in devices if str(d).startswith("cuda") or str(d).isdigit()]
+    if gpu and len(gpu) != len(devices):
+        raise ValueError(f"--devices mixes GPUs and other devices: {list(devices)}")
+    return len(devices), bool(gpu)
+
+
+# -- embedding: queries and passages in one actor pool, cached -------------------------------------
+QUERY, PASSAGE = "query", "passage"
+#: EmbedderSpec.extra keys that only change query vectors.
+QUERY_OPTIONS = ("query_instruction_for_retrieval", "query_instruction_format", "query_max_length")
+
+
+class MiningEmbedActor(EmbedActor):
+    """:class:`EmbedActor` for ``{id, text, role}`` rows: queries go through the model's own
+    ``encode_queries`` (instruction format, ICL examples, ``query_max_length``), passages through
+    ``encode_corpus``, so one model load per actor serves both. Dense vectors only."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        roles = np.asarray(batch["role"].to_pylist())
+        kwargs = {"batch_size": self.spec.batch_size}
+        if type(self.model).__name__ == "BGEM3FlagModel":
+            # Mining needs the dense vectors only; skip the lexical and ColBERT heads.
+            kwargs.update(return_dense=True, return_sparse=False, return_colbert_vecs=False)
+        ids, embs, counts = [], [], []
+        for role, encode in ((QUERY, self.model.encode_queries), (PASSAGE, self.model.encode_corpus)):
+            rows = np.flatnonzero(roles == role)
+            if not len(rows):
+                continue
+            part = batch.take(pa.array(rows))
+            emb = encode(part["text"].to_pylist(), **kwargs)
+            ids.extend(part["id"].to_pylist())
+            embs.append(emb["dense_vecs"] if isinstance(emb, dict) else np.asarray(emb))
+            counts.append(np.asarray(self.model.last_token_counts))
+        return pa.table({
+            "id": pa.array(ids, pa.string()),
+            "embedding": embedding_array(np.concatenate(embs)),
+            "n_tokens": pa.array(np.concatenate(counts), type=pa.int32()),
+        })
+
+
+def embed_roles(
+    ids: Sequence[str],
+    texts: Sequence[str],
+    roles: Sequence[str],
+    spec: EmbedderSpec,
+    num_actors: int | None = None,
+    use_gpu: bool | None = None,
+    rows_per_call: int = 1024,
+) -> np.ndarray:
+    """Embed queries and passages (``roles``) on one Ray actor pool; rows come back in input order."""
+    import ray.data
+
+    from .runtime import plan_actors
+
+    plan = plan_actors(num_actors, use_gpu)
+    table = pa.table({
+        "id": pa.array(list(ids), pa.string()),
+        "text": pa.array(list(texts), pa.string()),
+        "role": pa.array(list(roles), pa.string()),
+    })
+    # Blocks of rows_per_call spread the rows over the pool (one block would feed a single actor).
+    blocks = [table.slice(s, rows_per_call) for s in range(0, table.num_rows, rows_per_call)]
+    position = {i: n for n, i in enumerate(ids)}
+    out = None
+    embedded = embed_dataset(ray.data.from_arrow(blocks), spec, plan, rows_per_call, actor_class=MiningEmbedActor)
+    for batch in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
+        emb = to_numpy(batch["embedding"])
+        if out is None:
+            out = np.zeros((len(ids), emb.shape[1]), dtype=np.float32)
+        out[[position[i] for i in batch["id"].to_pylist()]] = emb
+    if out is None:
+        raise RuntimeError(f"no embeddings came back for {len(ids)} texts")
+    return out
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _model_fingerprint(model: str | None, extra: dict) -> str:
+    """The model's identity: a local folder by its files' names, sizes and mtimes; a hub name as is."""
+    from bge_ray.models.loading import BUNDLED_MODEL_NAMES, bundled_model_path
+
+    path = bundled_model_path() if model is None or str(model) in BUNDLED_MODEL_NAMES else str(model)
+    if not os.path.isdir(path):
+        return f"hub:{path}@{extra.get('revision', 'main')}"
+    entries = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if not name.startswith(".") and os.path.isfile(full):
+            st = os.stat(full)
+            entries.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return f"dir:{os.path.abspath(path)}:" + hashlib.sha256("|".join(entries).encode()).hexdigest()[:16]
+
+
+def cache_settings(spec: EmbedderSpec, role: str) -> dict:
+    """What the vectors of ``role`` depend on: not batch sizes, download options, or the other role's options."""
+    settings = {k: v for k, v in asdict(spec).items() if k not in ("batch_size", "max_tokens_per_batch", "extra")}
+    extra = {k: v for k, v in spec.extra.items() if v is not None and k not in ("trust_remote_code", "cache_dir")}
+    if role == QUERY:
+        settings.pop("max_length")
+        settings.pop("passage_instruction")
+    else:
+        extra = {k: v for k, v in extra.items() if k not in QUERY_OPTIONS}
+    settings.update(extra=extra, role=role, model_fingerprint=_model_fingerprint(spec.model, spec.extra))
+    return settings
+
+
+class EmbeddingCache:
+    """Vectors keyed by text hash, one folder per hash of :func:`cache_settings`.
+
+    Each run that embeds new texts adds one ``part-*.parquet`` (written to a temp name, then renamed),
+    so concurrent runs never corrupt each other; ``settings.json`` says what the folder holds.
+    """
+
+    def __init__(self, root: str, settings: dict):
+        blob = json.dumps(settings, sort_keys=True, default=str)
+        self.key = hashlib.sha256(blob.encode()).hexdigest()[:20]
+        self.dir = os.path.join(root, self.key)
+        self.settings = settings
+        self._index: dict[str, tuple[int, int]] | None = None
+        self._parts: list[np.ndarray] = []
+
+    def _load(self) -> dict[str, tuple[int, int]]:
+        import pyarrow.parquet as pq
+
+        if self._index is None:
+            self._index, self._parts = {}, []
+            for f in shard_files(self.dir) if os.path.isdir(self.dir) else []:
+                table = pq.read_table(f, columns=["hash", "embedding"])
+                part = len(self._parts)
+                self._parts.append(to_numpy(table["embedding"]))
+                for row, h in enumerate(table["hash"].to_pylist()):
+                    self._index.setdefault(h, (part, row))
+        return self._index
+
+    def get(self, hashes: Sequence[str]) -> dict[int, np.ndarray]:
+        """Cached vectors for the positions of ``hashes`` that are present."""
+        index = self._load()
+        return {i: self._parts[index[h][0]][index[h][1]] for i, h in enumerate(hashes) if h in index}
+
+    def put(self, hashes: Sequence[str], emb: np.ndarray) -> None:
+        import pyarrow.parquet as pq
+
+        if not len(hashes):
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        meta = os.path.join(self.dir, "settings.json")
+        if not os.path.exists(meta):
+            write_json(meta, self.settings)
+        name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+        table = pa.table({"hash": pa.array(list(hashes), pa.string()), "embedding": embedding_array(emb)})
+        with atomic_path(os.path.join(self.dir, name)) as tmp:
+            pq.write_table(table, tmp)
+        self._index = None  # re-read on next get
+
+
+@dataclass
+class EmbedStats:
+    embedded: int = 0
+    cached: int = 0
+
+
+def embed_with_cache(
+    groups: dict[str, Sequence[str]],
+    spec: EmbedderSpec,
+    cache_root: str | None = None,
+    embed_fn: Callable[..., np.ndarray] | None = None,
+    **embed_kwargs,
+) -> tuple[dict[str, np.ndarray], dict[str, EmbedStats]]:
+    """Vectors for each role's unique texts (``{"query": [...], "passage": [...]}``), in order.
+
+    Cached vectors are read from ``cache_root``; the rest of every role is embedded in one call of
+    ``embed_fn`` (default :func:`embed_roles`: one actor pool, one model load per actor) and cached.
+    """
+    embed_fn = embed_fn or embed_roles
+    found, missing, stats, caches = {}, {}, {}, {}
+    for role, texts in groups.items():
+        hashes = [text_hash(t) for t in texts]
+        caches[role] = EmbeddingCache(cache_root, cache_settings(spec, role)) if cache_root else None
+        found[role] = caches[role].get(hashes) if caches[role] else {}
+        missing[role] = [(i, hashes[i]) for i in range(len(texts)) if i not in found[role]]
+        stats[role] = EmbedStats(embedded=len(missing[role]), cached=len(found[role]))
+    todo = [(role, i, h) for role, rows in missing.items() for i, h in rows]
+    new = None
+    if todo:
+        new = embed_fn(
+            [f"{role}:{h}" for role, _, h in todo], [groups[role][i] for role, i, _ in todo],
+            [role for role, _, _ in todo], spec, **embed_kwargs,
+        )
+    dims = [new.shape[1]] if new is not None else [next(iter(f.values())).shape[0] for f in found.values() if f]
+    out, offset = {}, 0
+    for role, texts in groups.items():
+        arr = np.empty((len(texts), dims[0] if dims else 0), dtype=np.float32)
+        for i, v in found[role].items():
+            arr[i] = v
+        rows = missing[role]
+        if rows:
+            block = new[offset : offset + len(rows)]
+            arr[[i for i, _ in rows]] = block
+            if caches[role]:
+                caches[role].put([h for _, h in rows], block)
+            offset += len(rows)
+        out[role] = arr
+    return out, stats
+
+
+# -- selection ----------------------------------------------------------------------------------
+def parse_range(text: str) -> tuple[int, int]:
+    """``"10-210"`` -> ``(10, 210)``: candidates ranked 10 to 209 (0-based), as FlagEmbedding slices."""
+    try:
+        start, end = (int(x) for x in str(text).split("-"))
+    except ValueError:
+        raise ValueError(f"range_for_sampling must look like 'START-END' (e.g. '10-210'), got {text!r}") from None
+    if not 0 <= start < end:
+        raise ValueError(f"range_for_sampling needs 0 <= START < END, got {text!r}")
+    return start, end
+
+
+@dataclass
+class MineConfig:
+    """Sampling and filtering options (FlagEmbedding's names where it has them)."""
+
+    range_for_sampling: str = "10-210"
+    negative_number: int = 15
+    max_score_ratio: float | None = None  # keep a candidate only if score <= ratio * best positive score
+    min_margin: float | None = None  # keep a candidate only if score <= best positive score - margin
+    random_fill: bool = True  # top up short lines with random corpus passages, as FlagEmbedding does
+    search_batch_size: int = 64
+    use_gpu_for_searching: bool = False
+    seed: int = 42
+
+    def threshold(self, best_pos: float) -> float | None:
+        """Highest score a candidate may have, or None when no score filter is set."""
+        limits = []
+        if self.max_score_ratio is not None:
+            limits.append(self.max_score_ratio * best_pos)
+        if self.min_margin is not None:
+            limits.append(best_pos - self.min_margin)
+        return min(limits) if limits else None
+
+    @property
+    def filters(self) -> bool:
+        return self.max_score_ratio is not None or self.min_margin is not None
+
+
+@dataclass
+class Selection:
+    ids: list[int]
+    from_range: int  # how many of ids came from the rank range (the rest are random fill)
+    dropped_by_score: int
+
+
+def select_negatives(
+    ranked: Sequence[int],
+    scores: Sequence[float],
+    *,
+    start: int,
+    n: int,
+    exclude: set[int],
+    threshold: float | None,
+    rng: random.Random,
+    corpus_size: int,
+    score_of: Callable[[int], float] | None = None,
+    random_fill: bool = True,
+) -> Selection:
+    """Sample ``n`` corpus ids for one line from ``ranked[start:]`` (the search's top ``end``).
+
+    As FlagEmbedding: a ``-1`` id ends the list; excluded ids (positives, the query) are skipped;
+    more than ``n`` survivors -> ``rng.sample`` of them, else all in rank order, then random fill.
+    Unlike FlagEmbedding's fill, ours never repeats a negative, never takes the query, a positive or a
+    passage ranked above ``start``, and applies the score filter (``score_of`` gives fill scores).
+    """
+    cands, dropped = [], 0
+    for idx, score in zip(ranked[start:], scores[start:], strict=True):
+        if idx < 0:
+            break
+        if idx in exclude:
+            continue
+        if threshold is not None and score > threshold:
+            dropped += 1
+            continue
+        cands.append(int(idx))
+    chosen = rng.sample(cands, n) if len(cands) > n else cands
+    from_range = len(chosen)
+    if random_fill and len(chosen) < n:
+        blocked = set(exclude) | set(chosen) | {int(i) for i in ranked[:start] if i >= 0}
+
+        def ok(j: int) -> bool:
+            if j in blocked:
+                return False
+            blocked.add(j)
+            return threshold is None or score_of is None or score_of(j) <= threshold
+
+        # Rejection sampling keeps a fill O(n) on a large corpus; a tiny corpus falls back to a scan.
+        for _ in range(20 * (n - len(chosen)) + 100):
+            if len(chosen) == n:
+                break
+            j = rng.randrange(corpus_size)
+            if ok(j):
+                chosen.append(j)
+        if len(chosen) < n and corpus_size <= 100_000:
+            rest = [j for j in range(corpus_size) if j not in blocked]
+            rng.shuffle(rest)
+            for j in rest:
+                if len(chosen) == n:
+                    break
+                if ok(j):
+                    chosen.append(j)
+    return Selection(chosen, from_range, dropped)
+
+
+# -- the job ------------------------------------------------------------------------------------
+@dataclass
+class MineResult:
+    output: str
+    lines: int
+    corpus_size: int
+    negatives: int
+    short_lines: int  # lines whose rank range gave fewer than negative_number (topped up when random_fill)
+    filled: int  # negatives drawn at random outside the range
+    dropped_by_score: int
+    passages: EmbedStats = field(default_factory=EmbedStats)
+    queries: EmbedStats = field(default_factory=EmbedStats)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (
+            f"mined {self.negatives} negatives for {self.lines} lines from a corpus of {self.corpus_size} "
+            f"({self.short_lines} lines short of range candidates, {self.filled} random fills, "
+            f"{self.dropped_by_score} dropped by score; passages embedded {self.passages.embedded} / cached "
+            f"{self.passages.cached}, queries embedded {self.queries.embedded} / cached {self.queries.cached}) "
+            f"in {self.seconds:.1f} s -> {self.output}"
+        )
+
+
+def _unique(texts) -> list[str]:
+    return list(dict.fromkeys(texts))
+
+
+def _query_instruction(spec: EmbedderSpec, instruction: str | None) -> str | None:
+    if instruction != AUTO_INSTRUCTION:
+        return instruction
+    from bge_ray.models import registry
+
+    found = registry.lookup(spec.model or "all-MiniLM-L6-v2", registry.EMBEDDER)
+    return found.query_instruction_for_retrieval if found else None
+
+
+def _gpu_index(index):
+    import faiss
+
+    if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+        raise RuntimeError("use_gpu_for_searching was set but faiss sees no GPU (install faiss-gpu)")
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard, co.useFloat16 = True, True  # as FlagEmbedding: corpus split over all GPUs, fp16 storage
+    return faiss.index_cpu_to_all_gpus(index, co=co)
+
+
+def mine_hard_negatives(
+    input_file: str,
+    output_file: str,
+    spec: EmbedderSpec | None = None,
+    config: MineConfig | None = None,
+    candidate_pool: str | None = None,
+    query_instruction_for_retrieval: str | None = None,
+    query_instruction_format: str | None = None,
+    query_max_length: int | None = None,
+    embedding_cache: str | None = None,
+    num_actors: int | None = None,
+    use_gpu: bool | None = None,
+    rows_per_call: int = 1024,
+    embed_fn: Callable[..., np.ndarray] | None = None,
+) -> MineResult:
+    """Write ``input_file``'s lines to ``output_file`` with ``neg`` replaced by mined negatives.
+
+    ``spec`` describes the embedder (its ``max_length`` is the passage length); the corpus is
+    ``candidate_pool`` if given, else every ``pos`` and ``neg`` passage of the input. Ray must be
+    initialised (:func:`bge_ray.batch.runtime.init_ray`).
+    """
+    from bge_ray.index.faiss_index import build_index, search
+
+    t0 = time.perf_counter()
+    spec = spec or EmbedderSpec()
+    config = config or MineConfig()
+    start, end = parse_range(config.range_for_sampling)
+    n = config.negative_number
+    if n < 0:
+        raise ValueError(f"negative_number must be >= 0, got {n}")
+    if config.max_score_ratio is not None and config.max_score_ratio <= 0:
+        raise ValueError(f"max_score_ratio must be > 0, got {config.max_score_ratio}")
+    if config.search_batch_size < 1:
+        raise ValueError(f"search_batch_size must be >= 1, got {config.search_batch_size}")
+
+    records = read_training_jsonl(input_file)
+    if candidate_pool:
+        corpus = _unique(read_candidate_pool(candidate_pool))
+    else:
+        corpus = _unique(p for r in records for p in (*r["pos"], *r.get("neg", [])))
+    queries = _unique(r["query"] for r in records)
+    # The filter compares with the best positive, so positives outside the pool are embedded too.
+    extra_pos = _unique(p for r in records for p in r["pos"]) if config.filters else []
+    corpus_set = set(corpus)
+    passages = corpus + [p for p in extra_pos if p not in corpus_set]
+    logger.info("mining: %d lines, %d queries, corpus %d (+%d positives)", len(records), len(queries),
+                len(corpus), len(passages) - len(corpus))
+
+    query_options = {
+        "query_instruction_for_retrieval": _query_instruction(spec, query_instruction_for_retrieval),
+        "query_instruction_format": query_instruction_format,
+        "query_max_length": query_max_length,
+    }
+    spec = replace(spec, extra={**spec.extra, **{k: v for k, v in query_options.items() if v is not None}})
+    vectors, stats = embed_with_cache(
+        {PASSAGE: passages, QUERY: queries}, spec, embedding_cache, embed_fn,
+        num_actors=num_actors, use_gpu=use_gpu, rows_per_call=rows_per_call,
+    )
+    p_emb, q_emb = vectors[PASSAGE], vectors[QUERY]
+    result = MineResult(output_file, len(records), len(corpus), 0, 0, 0, 0, stats[PASSAGE], stats[QUERY])
+
+    index = build_index(p_emb[: len(corpus)], "flat")
+    if config.use_gpu_for_searching:
+        index = _gpu_index(index)
+    text_id = {t: i for i, t in enumerate(passages)}
+    query_row = {q: i for i, q in enumerate(queries)}
+    corpus_emb = p_emb[: len(corpus)]
+
+    out = []
+    for c0 in range(0, len(records), config.search_batch_size):
+        chunk = records[c0 : c0 + config.search_batch_size]
+        q_rows = [query_row[r["query"]] for r in chunk]
+        # One chunk of queries x top-`end` at a time: memory never holds all queries' results.
+        scores, ids = search(index, q_emb[q_rows], end, chunk_size=len(chunk))
+        for k, rec in enumerate(chunk):
+            qv = q_emb[q_rows[k]]
+            exclude = {text_id[p] for p in rec["pos"] if text_id.get(p, len(corpus)) < len(corpus)}
+            if text_id.get(rec["query"], len(corpus)) < len(corpus):
+                exclude.add(text_id[rec["query"]])
+            threshold = None
+            if config.filters:
+                best = float(max(p_emb[text_id[p]] @ qv for p in rec["pos"]))
+                threshold = config.threshold(best)
+            # Seeded per line (string seeds hash stably), so chunking and actor count never matter.
+            rng = random.Random(f"{config.seed}:{c0 + k}")
+            sel = select_negatives(
+                ids[k].tolist(), scores[k].tolist(), start=start, n=n, exclude=exclude, threshold=threshold,
+                rng=rng, corpus_size=len(corpus), score_of=lambda j, qv=qv: float(corpus_emb[j] @ qv),
+                random_fill=config.random_fill,
+            )
+            new = dict(rec)
+            new["neg"] = [corpus[j] for j in sel.ids]
+            out.append(new)
+            result.negatives += len(sel.ids)
+            result.short_lines += sel.from_range < n
+            result.filled += len(sel.ids) - sel.from_range
+            result.dropped_by_score += sel.dropped_by_score
+    write_jsonl(output_file, out)
+    result.seconds = time.perf_counter() - t0
+    logger.info(result.summary())
+    return result
+
+
+__all__ = [
+    "AUTO_INSTRUCTION", "EmbeddingCache", "MineConfig", "MineResult", "MiningEmbedActor", "TrainingDataError",
+    "actors_for_devices", "cache_settings", "embed_roles", "embed_with_cache", "hf_bool", "mine_hard_negatives",
+    "parse_range", "read_candidate_pool", "read_training_jsonl", "select_negatives", "write_jsonl",
+]
