@@ -103,18 +103,6 @@ def direct_scores(first_run, msmarco_slice):
     return vectors["query"] @ vectors["passage"].T, vectors
 
 
-def test_ray_vectors_match_a_direct_encode(direct_scores, msmarco_slice):
-    """The actor pool embedded queries (encode_queries) and passages as FlagModel does in-process."""
-    from bge_ray import FlagModel
-
-    model = FlagModel(None, pooling_method="mean", devices="cpu", query_max_length=MAX_LEN, passage_max_length=MAX_LEN)
-    vectors = direct_scores[1]
-    queries = [r["query"] for r in msmarco_slice["lines"]]
-    np.testing.assert_allclose(vectors["query"], model.encode_queries(queries), atol=1e-5)
-    passages = msmarco_slice["pool_texts"][::12]
-    np.testing.assert_allclose(vectors["passage"][::12], model.encode_corpus(passages), atol=1e-5)
-
-
 def _rank_interval(row: np.ndarray, j: int) -> tuple[int, int]:
     """Ranks passage j could hold given float noise: (#clearly above, #above-or-tied)."""
     return int((row > row[j] + EPS).sum()), int((row > row[j] - EPS).sum())
@@ -155,6 +143,20 @@ def test_cache_reused_and_output_deterministic(first_run, msmarco_slice):
         embedding_cache=str(root / "cache"), embed_fn=_no_embedding,
     )
     assert other_seed.negatives == 40 and (root / "seed8.jsonl").read_bytes() != first_run.read_bytes()
+
+    # Teacher scores of the old negatives go with them; everything else is kept.
+    scored = _write(root / "scored_input.jsonl", [
+        dict(r, neg=["old negative"], neg_scores=[0.5], pos_scores=[1.0] * len(r["pos"]))
+        for r in msmarco_slice["lines"]
+    ])
+    result = mine_hard_negatives(
+        str(scored), str(root / "rescored.jsonl"), SPEC, MineConfig(range_for_sampling="3-40", negative_number=5, seed=7),
+        candidate_pool=str(msmarco_slice["pool"]), query_max_length=MAX_LEN,
+        embedding_cache=str(root / "cache"), embed_fn=_no_embedding,
+    )
+    assert result.stale_scores_dropped == 8
+    for got, first in zip(_lines(root / "rescored.jsonl"), _lines(first_run), strict=True):
+        assert "neg_scores" not in got and got["pos_scores"] == [1.0, 1.0] and got["neg"] == first["neg"]
 
     # Another passage length is another passage cache key; the query vectors stay valid.
     calls = []
@@ -263,3 +265,57 @@ def test_bad_candidate_pool_and_range(tmp_path):
     for bad in ("10", "20-10", "a-b"):
         with pytest.raises(ValueError, match="range_for_sampling"):
             mine_hard_negatives(str(train), str(tmp_path / "o.jsonl"), SPEC, MineConfig(range_for_sampling=bad))
+
+
+HN_MINE = Path("/work/.mirror/FlagOpen+FlagEmbedding/repo")
+
+
+def test_vectors_and_candidates_match_flagembedding(direct_scores, msmarco_slice, tmp_path):
+    """FlagEmbedding as the oracle: its FlagAutoModel for the vectors the actor pool made (queries
+    through encode_queries), and its own find_knn_neg (scripts/hn_mine.py from the repository mirror).
+
+    With negative_number >= the range size nothing is sampled, so both sides keep every candidate in
+    rank order; FlagEmbedding then appends random fill, which ours is told to skip here.
+    """
+    import subprocess
+
+    from FlagEmbedding import FlagAutoModel as OracleAutoModel
+
+    from bge_ray.models.loading import bundled_model_path
+
+    oracle_model = OracleAutoModel.from_finetuned(
+        bundled_model_path(), model_class="encoder-only-base", pooling_method="mean", use_fp16=False,
+        devices="cpu", query_max_length=MAX_LEN, passage_max_length=MAX_LEN,
+    )
+    vectors = direct_scores[1]
+    queries = [r["query"] for r in msmarco_slice["lines"]]
+    np.testing.assert_allclose(vectors["query"], oracle_model.encode_queries(queries), atol=1e-5)
+    np.testing.assert_allclose(vectors["passage"][::12], oracle_model.encode(msmarco_slice["pool_texts"][::12]),
+                               atol=1e-5)
+
+    try:
+        source = subprocess.run(["git", "-C", str(HN_MINE), "show", "HEAD:scripts/hn_mine.py"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("FlagEmbedding repository mirror with scripts/hn_mine.py not available")
+    script = tmp_path / "hn_mine_oracle.py"
+    script.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("hn_mine_oracle", script)
+    hn_mine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hn_mine)
+    pool = [json.loads(x)["text"] for x in msmarco_slice["pool"].read_text(encoding="utf-8").splitlines()]
+    theirs_file, ours_file = tmp_path / "theirs.jsonl", tmp_path / "ours.jsonl"
+    hn_mine.find_knn_neg(oracle_model, str(msmarco_slice["train"]), str(theirs_file), candidate_pool=pool,
+                         sample_range=[3, 40], negative_number=37)
+    mine_hard_negatives(
+        str(msmarco_slice["train"]), str(ours_file), SPEC,
+        MineConfig(range_for_sampling="3-40", negative_number=37, random_fill=False),
+        candidate_pool=str(msmarco_slice["pool"]), query_max_length=MAX_LEN,
+        embedding_cache=str(msmarco_slice["root"] / "cache"), embed_fn=_no_embedding,
+    )
+    for theirs, ours in zip(_lines(theirs_file), _lines(ours_file), strict=True):
+        assert len(theirs["neg"]) == 37 and 30 <= len(ours["neg"]) <= 37
+        head = theirs["neg"][: len(ours["neg"])]
+        # Rank order may swap near-ties (float noise between two encoders); the sets must agree.
+        assert set(head) == set(ours["neg"])
+        assert sum(a == b for a, b in zip(head, ours["neg"], strict=True)) >= len(head) - 4

@@ -451,6 +451,7 @@ class MineResult:
     passages: EmbedStats = field(default_factory=EmbedStats)
     queries: EmbedStats = field(default_factory=EmbedStats)
     seconds: float = 0.0
+    stale_scores_dropped: int = 0  # lines whose input neg_scores were removed with their old negatives
 
     def summary(self) -> str:
         return (
@@ -459,6 +460,8 @@ class MineResult:
             f"{self.dropped_by_score} dropped by score; passages embedded {self.passages.embedded} / cached "
             f"{self.passages.cached}, queries embedded {self.queries.embedded} / cached {self.queries.cached}) "
             f"in {self.seconds:.1f} s -> {self.output}"
+            + (f"; dropped stale neg_scores on {self.stale_scores_dropped} lines (re-run teacher scoring)"
+               if self.stale_scores_dropped else "")
         )
 
 
@@ -503,7 +506,8 @@ def mine_hard_negatives(
     """Write ``input_file``'s lines to ``output_file`` with ``neg`` replaced by mined negatives.
 
     ``spec`` describes the embedder (its ``max_length`` is the passage length); the corpus is
-    ``candidate_pool`` if given, else every ``pos`` and ``neg`` passage of the input. Ray must be
+    ``candidate_pool`` if given, else every ``pos`` and ``neg`` passage of the input. Input
+    ``neg_scores`` are dropped with the negatives they scored; other fields are kept. Ray must be
     initialised (:func:`bge_ray.batch.runtime.init_ray`).
     """
     from bge_ray.index.faiss_index import build_index, search
@@ -577,6 +581,9 @@ def mine_hard_negatives(
             )
             new = dict(rec)
             new["neg"] = [corpus[j] for j in sel.ids]
+            # Old teacher scores describe the old negatives; keeping them (as FlagEmbedding does)
+            # would pair scores with the wrong passages in distillation.
+            result.stale_scores_dropped += new.pop("neg_scores", None) is not None
             out.append(new)
             result.negatives += len(sel.ids)
             result.short_lines += sel.from_range < n
