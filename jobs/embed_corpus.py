@@ -1,8 +1,12 @@
 """Embed a corpus into parquet shards, a manifest and a faiss index, on a local Ray or a cluster.
 
     python jobs/embed_corpus.py                       # bundled sample corpus + bundled model -> ./outputs
-    python jobs/embed_corpus.py --input s3://bucket/corpus/ --output s3://... --model BAAI/bge-base-en-v1.5
-    ray job submit --working-dir . -- python jobs/embed_corpus.py --input ...
+    python jobs/embed_corpus.py --input s3://bucket/corpus/ --output /shared/out --model BAAI/bge-base-en-v1.5
+    ray job submit --working-dir . -- python jobs/embed_corpus.py --input ... --output /shared/out
+
+Actors read their shards from --input and commit them under --output themselves: on a multi-node
+cluster both must be reachable from every node (object store or shared filesystem for the input,
+a shared filesystem for the output). Rerunning the same command resumes: finished shards are kept.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ SAMPLE_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", default=SAMPLE_CORPUS, help="jsonl / parquet / csv file, folder, glob, BEIR folder or URI")
-    p.add_argument("--output", default="outputs/sample_corpus", help="output folder")
+    p.add_argument("--output", default="outputs/sample_corpus",
+                   help="output folder; a relative path resolves against the job's working directory, which "
+                        "under `ray job submit` is a temporary upload: use an absolute, shared path there")
     p.add_argument("--model", default=None, help="model name or folder (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--model-class", default=None, help="FlagAutoModel model_class, e.g. encoder-only-base")
     p.add_argument("--pooling-method", default=None, choices=["cls", "mean", "last_token"])
@@ -53,6 +59,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bge_ray").setLevel(logging.INFO)
     init_ray(args.address)
+    args.output = os.path.abspath(args.output)
     corpus = CorpusSpec(
         args.input,
         id_field=args.id_field,

@@ -12,15 +12,9 @@ import numpy as np
 import pytest
 
 from bge_ray.batch.embed import EmbedderSpec
-from bge_ray.batch.mine import (
-    MineConfig,
-    TrainingDataError,
-    embed_with_cache,
-    mine_hard_negatives,
-    read_training_jsonl,
-    select_negatives,
-)
+from bge_ray.batch.mine import MineConfig, embed_with_cache, mine_hard_negatives, select_negatives
 from bge_ray.batch.teacher import RerankerSpec, add_teacher_scores
+from bge_ray.io.training_data import TrainingDataError, read_training_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 64

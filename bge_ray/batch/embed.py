@@ -125,7 +125,9 @@ def embed_texts(
     order = {i: n for n, i in enumerate(ids)}
     if len(order) != len(ids):
         raise ValueError("ids passed to embed_texts must be unique")
-    ds = ray.data.from_arrow(pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())}))
+    table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())})
+    # One block per call-sized slice, so every actor of the pool gets work.
+    ds = ray.data.from_arrow([table.slice(i, rows_per_call) for i in range(0, max(len(ids), 1), rows_per_call)])
     out = None
     for batch in embed_dataset(ds, spec, plan, rows_per_call).iter_batches(batch_format="pyarrow", batch_size=None):
         emb = to_numpy(batch["embedding"])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from bge_ray.batch.mine import read_training_jsonl, write_jsonl
+from bge_ray.io.training_data import read_training_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
 
