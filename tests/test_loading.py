@@ -1,0 +1,49 @@
+"""Model resolution: bundled default, local folders, the offline HF cache, checkpoint inspection."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bge_ray.models import FlagAutoModel, ModelNotFoundError, bundled_model_path, resolve_model_path
+from bge_ray.models.registry import infer_from_checkpoint
+
+
+def test_bundled_names_resolve_to_the_wheel():
+    path = bundled_model_path()
+    for name in (None, "bundled", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        assert resolve_model_path(name) == path
+
+
+def test_hub_name_found_in_the_offline_cache(tiny_bert, tmp_path, monkeypatch):
+    """A hub id resolves from the HF cache layout (models--org--name/snapshots/<rev>) with no network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    snap = cache / "models--someorg--tiny-bge" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_bert, snap)
+    (cache / "models--someorg--tiny-bge" / "refs").mkdir()
+    (cache / "models--someorg--tiny-bge" / "refs" / "main").write_text(snap.name)
+    assert resolve_model_path("someorg/tiny-bge", cache_dir=str(cache)) == str(snap)
+
+
+def test_missing_paths_fail_fast(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "nope"))
+    f = tmp_path / "file.bin"
+    f.write_text("x")
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        resolve_model_path(str(f))
+
+
+def test_unknown_local_folders_are_inspected(tiny_bert, tiny_m3, tiny_qwen2, tiny_xlmr_reranker, tmp_path):
+    assert infer_from_checkpoint(tiny_m3).class_name == "BGEM3FlagModel"
+    assert infer_from_checkpoint(tiny_qwen2).pooling_method == "last_token"
+    assert infer_from_checkpoint(tiny_xlmr_reranker) is None
+    assert infer_from_checkpoint(tiny_xlmr_reranker, "reranker").class_name == "FlagReranker"
+    assert infer_from_checkpoint(tiny_bert) is None  # plain BERT: pooling unknown, caller must say
+    # A sentence-transformers folder names its pooling.
+    st = tmp_path / "my-finetuned-minilm"
+    shutil.copytree(bundled_model_path(), st)
+    model = FlagAutoModel.from_finetuned(str(st), devices="cpu")
+    assert type(model).__name__ == "FlagModel" and model.pooling_method == "mean"
