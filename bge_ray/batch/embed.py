@@ -216,15 +216,22 @@ def write_parquet_atomic(table: pa.Table, path: str) -> None:
         pq.write_table(table, tmp)
 
 
-def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int) -> dict:
-    """The job's identity: inputs (with sizes and mtimes), fields, model and shard boundaries."""
+def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None) -> dict:
+    """The job's identity: inputs (with sizes and mtimes), fields, model and shard boundaries.
+
+    ``rows_per_shard=None`` sizes shards from the input (see ``auto_rows_per_shard``); the choice
+    depends on the input alone, so a rerun plans the same shards whatever the actor count.
+    """
     import ray
 
     from bge_ray.io.readers import detect_format, expand_paths
-    from bge_ray.io.sharding import file_fingerprint, plan_file
+    from bge_ray.io.sharding import approx_rows, auto_rows_per_shard, file_fingerprint, plan_file
 
     files, fs = expand_paths(corpus.path)
     fmt = detect_format(files, corpus.format)
+    if rows_per_shard is None:
+        count_remote = ray.remote(num_cpus=0.25)(approx_rows)
+        rows_per_shard = auto_rows_per_shard(sum(ray.get([count_remote.remote(f, fmt, fs) for f in files])))
     plan_remote = ray.remote(num_cpus=0.25)(plan_file)
     per_file = ray.get([plan_remote.remote(f, fmt, rows_per_shard, fs) for f in files])
     shards = []
@@ -251,7 +258,7 @@ def run_embed_job(
     spec: EmbedderSpec,
     num_actors: int | None = None,
     use_gpu: bool | None = None,
-    rows_per_shard: int = 50_000,
+    rows_per_shard: int | None = None,
     index_kind: str | None = "flat",
     on_bad_record: str = "fail",
     overwrite: bool = False,

@@ -51,6 +51,23 @@ def file_fingerprint(path: str, fs: pafs.FileSystem | None) -> dict:
     return {"path": path, "size": info.size, "mtime_ns": info.mtime_ns}
 
 
+def approx_rows(path: str, fmt: str, fs: pafs.FileSystem | None = None) -> int:
+    """Cheap row estimate used to size shards: parquet metadata, else a newline count."""
+    if fmt == "parquet":
+        return _count_rows(path, fmt, fs)
+    n = 0
+    with _open(path, fs) as f:
+        while chunk := f.read(1 << 24):
+            n += chunk.count(b"\n")
+    return n
+
+
+def auto_rows_per_shard(total_rows: int, target_shards: int = 32, low: int = 256, high: int = 50_000) -> int:
+    """Enough shards to keep every actor of a pool busy and to make resume cheap, but never tiny
+    (per-shard overhead) nor huge (a retry redoes a whole shard)."""
+    return int(min(high, max(low, -(-total_rows // target_shards))))
+
+
 def plan_file(path: str, fmt: str, rows_per_shard: int, fs: pafs.FileSystem | None = None) -> list[dict]:
     """Shard boundaries of one file, as dicts (``Shard`` fields without ``index``)."""
     if fmt == "json" and not path.endswith(".gz"):
