@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 from bge_ray.batch.embed import EmbedderSpec
@@ -123,6 +124,8 @@ def check_args(args: EvalArgs) -> list[int]:
     for name, v in (("search_top_k", args.search_top_k), ("rerank_top_k", args.rerank_top_k)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if len(args.hybrid_weights) != 2 or sum(args.hybrid_weights) == 0:
+        raise ValueError(f"hybrid_weights must be two numbers [w_dense, w_sparse], not both 0; got {list(args.hybrid_weights)}")
     ks = set()
     for k in args.k_values:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -250,11 +253,40 @@ def _instruction(spec: EmbedderSpec, args: EvalArgs, dataset: str | None) -> str
     return args.query_instruction_for_retrieval
 
 
-def embed_queries(qids: list[str], texts: list[str], spec: EmbedderSpec, num_actors=None, use_gpu=None):
-    """Query vectors on an actor pool through the model's ``encode_queries``, in ``qids`` order."""
-    from bge_ray.batch.mine import QUERY, embed_roles
+def embed_queries(qids: list[str], texts: list[str], spec: EmbedderSpec, num_actors=None, use_gpu=None,
+                  beside_corpus_job: bool = False, rows_per_call: int = 1024):
+    """Query vectors on an actor pool through the model's ``encode_queries``, in ``qids`` order.
 
-    return embed_roles(qids, texts, [QUERY] * len(qids), spec, num_actors=num_actors, use_gpu=use_gpu)
+    ``beside_corpus_job``: the pool runs while the corpus embed job does, so on a CPU-only cluster it
+    asks Ray for a sliver of CPU (the job's actors hold the rest): its start-up (imports, model load)
+    then overlaps the job's instead of following it. With GPUs it asks for the usual share.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import ray.data
+
+    from bge_ray.batch.embed import embed_dataset
+    from bge_ray.batch.mine import QUERY, MiningEmbedActor
+    from bge_ray.batch.runtime import plan_actors
+    from bge_ray.io.shards import to_numpy
+
+    plan = plan_actors(num_actors, use_gpu)
+    if beside_corpus_job and plan.num_gpus == 0:
+        plan = replace(plan, num_actors=1, num_cpus=min(plan.num_cpus, 0.25))
+    table = pa.table({"id": pa.array(qids, pa.string()), "text": pa.array(texts, pa.string()),
+                      "role": pa.array([QUERY] * len(qids), pa.string())})
+    blocks = [table.slice(s, rows_per_call) for s in range(0, table.num_rows, rows_per_call)]
+    pos = {q: i for i, q in enumerate(qids)}
+    out = None
+    embedded = embed_dataset(ray.data.from_arrow(blocks), spec, plan, rows_per_call, actor_class=MiningEmbedActor)
+    for batch in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
+        emb = to_numpy(batch["embedding"])
+        if out is None:
+            out = np.zeros((len(qids), emb.shape[1]), dtype=np.float32)
+        out[[pos[q] for q in batch["id"].to_pylist()]] = emb
+    if out is None:
+        raise RuntimeError(f"no query embeddings came back for {len(qids)} queries")
+    return out
 
 
 # -- reranking on an actor pool -------------------------------------------------------------------------
@@ -398,6 +430,14 @@ def run_evaluation(
     t = time.perf_counter()
     embedder = embedder or EmbedderSpec()
     ks = check_args(args)
+    if args.search_method != "dense":
+        from .m3_embed import is_m3
+
+        if not is_m3(embedder):
+            raise ValueError(
+                f"search_method {args.search_method!r} needs an M3 model (BGEM3FlagModel: lexical weights); "
+                f"{embedder.model or 'the bundled model'} is not one (pass --embedder_model_class encoder-only-m3 "
+                f"if it is)")
     if reranker is not None and args.rerank_top_k > args.search_top_k:
         logger.warning("rerank_top_k %d > search_top_k %d: reranking all %d results",
                        args.rerank_top_k, args.search_top_k, args.search_top_k)
@@ -463,12 +503,16 @@ def _run_dataset(args, bench, name, splits, embedder, reranker, ks, num_actors, 
         raise FileNotFoundError(f"--metrics_only: no saved search results for {display} splits {todo} "
                                 f"(expected {[paths[s] for s in todo]})")
     if todo:
-        run = _search(args, bench, name, display, corpus_file, data, todo, embedder, qspec, num_actors, use_gpu,
-                      clock, report)
+        run, mode_scores = _search(args, bench, name, display, corpus_file, corpus, data, todo, embedder, qspec,
+                                   num_actors, use_gpu, clock, report)
         t = time.perf_counter()
         for s in todo:
             results[s] = {q: run[q] for q in data[s].queries}
-            save_results(paths[s], results[s], {**meta, "split": s, "settings": settings})
+            extra = {}
+            if mode_scores:  # hybrid: each mode's score of the same documents
+                extra["mode_scores"] = {m: {q: r[q] for q in data[s].queries} for m, r in mode_scores.items()}
+                extra["hybrid_weights"] = dict(zip(("dense", "sparse"), map(float, args.hybrid_weights), strict=False))
+            save_results(paths[s], results[s], {**meta, "split": s, "settings": settings, **extra})
         t = clock.add("io", t)
 
     reranked: dict[str, dict] = {}
@@ -532,23 +576,46 @@ def _metric_order(name: str) -> tuple:
     return (order.index(base) if base in order else 99, k)
 
 
-def _search(args, bench, name, display, corpus_file, data, todo, embedder, qspec, num_actors, use_gpu, clock, report):
-    """Embed corpus (cached) and the queries of ``todo`` splits, then search; returns one run for all."""
+def _search(args, bench, name, display, corpus_file, corpus, data, todo, embedder, qspec, num_actors, use_gpu, clock,
+            report):
+    """Embed corpus (cached) and the queries of ``todo`` splits, then search: ``(run, mode_scores)``."""
     from .searchers import dense_search
 
     t = time.perf_counter()
     key = "corpus" if bench.shared_corpus else display.replace("/", "_")
     cspec = _corpus_spec(embedder)
-    if args.search_method != "dense":
-        raise NotImplementedError("sparse / hybrid search need the M3 path (not wired yet)")
+    from .m3_embed import is_m3
+
+    if is_m3(embedder):
+        return _search_m3(args, corpus_file, corpus, key, data, todo, cspec, qspec, num_actors, use_gpu, clock, report,
+                          display, t)
     tmp = None
     if args.corpus_embd_save_dir:
         out = corpus_cache_dir(args.corpus_embd_save_dir, cspec, key)
     else:
         tmp = out = tempfile.mkdtemp(prefix="bge_ray_eval_corpus_")
+    queries: dict[str, str] = {}
+    for s in todo:
+        queries.update(data[s].queries)
+    qids = list(queries)
+    qtexts = [queries[q] for q in qids]
     try:
-        info = embed_corpus_cached(corpus_file, cspec, out, num_actors, use_gpu, args.rows_per_shard)
-        t = clock.add("corpus_embed", t)
+        from bge_ray.batch.runtime import plan_actors
+
+        # With GPUs both pools would queue for the same devices: embed the queries after the corpus.
+        if _cache_complete(out, corpus_file) or plan_actors(num_actors, use_gpu).num_gpus > 0:
+            info = embed_corpus_cached(corpus_file, cspec, out, num_actors, use_gpu, args.rows_per_shard)
+            t = clock.add("corpus_embed", t)
+            q_emb = embed_queries(qids, qtexts, qspec, num_actors, use_gpu)
+            t = clock.add("query_embed", t)
+        else:
+            # Queries are embedded on their own small pool while the corpus job runs.
+            with ThreadPoolExecutor(1, thread_name_prefix="eval-queries") as pool:
+                fut = pool.submit(embed_queries, qids, qtexts, qspec, num_actors, use_gpu, True)
+                info = embed_corpus_cached(corpus_file, cspec, out, num_actors, use_gpu, args.rows_per_shard)
+                t = clock.add("corpus_embed", t)
+                q_emb = fut.result()
+            t = clock.add("query_embed", t)  # what the queries added after the corpus job ended
         clock.t["corpus_embed_in_actors"] = clock.t.get("corpus_embed_in_actors", 0.0) + info["embed_seconds"]
         report.corpus_embedding[display] = info
         doc_ids, index = load_corpus_index(out)
@@ -556,12 +623,39 @@ def _search(args, bench, name, display, corpus_file, data, todo, embedder, qspec
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    run = dense_search(q_emb, qids, index, doc_ids, args.search_top_k, args.ignore_identical_ids)
+    clock.add("search", t)
+    return run, None
+
+
+def _search_m3(args, corpus_file, corpus, key, data, todo, cspec, qspec, num_actors, use_gpu, clock, report, display, t):
+    """M3: dense vectors and lexical weights from one pool (corpus part cached), then dense, sparse or
+    hybrid search; hybrid also returns each mode's score of the returned documents."""
+    from bge_ray.batch.mine import PASSAGE, cache_settings
+    from bge_ray.io.sharding import file_fingerprint
+
+    from .m3_embed import embed_m3
+    from .searchers import SparseIndex, dense_search, hybrid_search
+
     queries: dict[str, str] = {}
     for s in todo:
         queries.update(data[s].queries)
-    qids = list(queries)
-    q_emb = embed_queries(qids, [queries[q] for q in qids], qspec, num_actors, use_gpu)
-    t = clock.add("query_embed", t)
-    run = dense_search(q_emb, qids, index, doc_ids, args.search_top_k, args.ignore_identical_ids)
+    cache = corpus_cache_dir(args.corpus_embd_save_dir, cspec, key) + "-m3" if args.corpus_embd_save_dir else None
+    fingerprint = {"corpus": file_fingerprint(os.path.abspath(corpus_file), None),
+                   "settings": cache_settings(cspec, PASSAGE)}
+    docs, qs, info = embed_m3(corpus, queries, cspec, qspec, cache, fingerprint, True, num_actors, use_gpu)
+    report.corpus_embedding[display] = info
+    t = clock.add("corpus_embed", t)  # corpus and queries embed together here
+    top_k, same = args.search_top_k, args.ignore_identical_ids
+    mode_scores = None
+    if args.search_method == "dense":
+        run = dense_search(qs.dense, qs.ids, docs.dense, docs.ids, top_k, same)
+    elif args.search_method == "sparse":
+        run = SparseIndex(docs.lexical, docs.ids).search(qs.lexical, qs.ids, top_k, same)
+    else:
+        fused = hybrid_search(qs.ids, docs.ids, top_k, query_emb=qs.dense, index_or_corpus_emb=docs.dense,
+                              query_weights=qs.lexical, sparse_index=SparseIndex(docs.lexical, docs.ids),
+                              weights=list(args.hybrid_weights), ignore_identical_ids=same)
+        run, mode_scores = fused.results, fused.mode_scores
     clock.add("search", t)
-    return run
+    return run, mode_scores
