@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bge_ray.batch.cli import actors_for_devices, hf_bool  # noqa: E402
 from bge_ray.batch.embed import EmbedderSpec  # noqa: E402
-from bge_ray.batch.runtime import init_ray  # noqa: E402
 from bge_ray.batch.teacher import RerankerSpec  # noqa: E402
 from bge_ray.eval.datasets import BENCHMARKS  # noqa: E402
 from bge_ray.eval.runner import SEARCH_METHODS, EvalArgs, run_evaluation  # noqa: E402
@@ -153,9 +152,7 @@ def main(argv=None) -> int:
         metrics_only=a.metrics_only, rows_per_shard=a.rows_per_shard,
     )
     try:
-        if not a.metrics_only:
-            init_ray(a.address)
-        report = run_evaluation(args, embedder, reranker, num_actors=num_actors, use_gpu=use_gpu)
+        report = run_evaluation(args, embedder, reranker, num_actors=num_actors, use_gpu=use_gpu, address=a.address)
     except (ValueError, FileNotFoundError) as exc:  # bad input: say what, without a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

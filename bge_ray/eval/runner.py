@@ -421,10 +421,12 @@ def run_evaluation(
     reranker: RerankerSpec | None = None,
     num_actors: int | None = None,
     use_gpu: bool | None = None,
+    address: str | None = None,
 ) -> EvalReport:
     """Evaluate ``embedder`` (and ``reranker``) on every dataset and split ``args`` names.
 
-    Starts a private local Ray unless one is initialised (or ``RAY_ADDRESS`` is set).
+    Joins the Ray cluster at ``address`` (or ``RAY_ADDRESS``), else starts a private local one,
+    unless Ray is already initialised; ``metrics_only`` runs need no Ray.
     """
     clock = _Clock()
     t = time.perf_counter()
@@ -453,7 +455,7 @@ def run_evaluation(
         from bge_ray.batch.runtime import init_ray
 
         if not ray.is_initialized():
-            init_ray()
+            init_ray(address)
         t = clock.add("ray_init", t)
     model = model_name(embedder.model)
     rname = model_name(reranker.model) if reranker else None
