@@ -95,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     x.add_argument("--search_method", default="dense", choices=SEARCH_METHODS, help="sparse / hybrid: M3 models")
     x.add_argument("--hybrid_weights", type=float, nargs="+", default=[1.0, 0.3], help="w_dense w_sparse")
     x.add_argument("--metrics_only", default=False, **flag, help="recompute metrics from saved search results")
-    x.add_argument("--rows_per_shard", type=int, default=20_000, help="corpus embedding job shard size")
+    x.add_argument("--rows_per_shard", type=int, default=20_000,
+                   help="corpus embedding job shard size (0: the job's auto size, more shards for more actors)")
     x.add_argument("--num_actors", type=int, default=None, help="embedding / reranking actors (default: per GPU, else 1)")
     x.add_argument("--use_gpu", default=None, **flag, help="default: if the cluster has GPUs")
     x.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
         query_instruction_format_for_retrieval=_unescape(a.query_instruction_format_for_retrieval),
         embedder_query_max_length=a.embedder_query_max_length, use_special_instructions=a.use_special_instructions,
         search_method=a.search_method, hybrid_weights=a.hybrid_weights, benchmark_version=a.benchmark_version,
-        metrics_only=a.metrics_only, rows_per_shard=a.rows_per_shard,
+        metrics_only=a.metrics_only, rows_per_shard=a.rows_per_shard or None,
     )
     try:
         report = run_evaluation(args, embedder, reranker, num_actors=num_actors, use_gpu=use_gpu, address=a.address)
