@@ -216,11 +216,10 @@ def write_parquet_atomic(table: pa.Table, path: str) -> None:
         pq.write_table(table, tmp)
 
 
-def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None) -> dict:
+def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None, num_actors: int = 1) -> dict:
     """The job's identity: inputs (with sizes and mtimes), fields, model and shard boundaries.
 
-    ``rows_per_shard=None`` sizes shards from the input (see ``auto_rows_per_shard``); the choice
-    depends on the input alone, so a rerun plans the same shards whatever the actor count.
+    ``rows_per_shard=None`` sizes shards from the input and the actor count (``auto_rows_per_shard``).
     """
     import ray
 
@@ -231,7 +230,8 @@ def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None)
     fmt = detect_format(files, corpus.format)
     if rows_per_shard is None:
         count_remote = ray.remote(num_cpus=0.25)(approx_rows)
-        rows_per_shard = auto_rows_per_shard(sum(ray.get([count_remote.remote(f, fmt, fs) for f in files])))
+        total = sum(ray.get([count_remote.remote(f, fmt, fs) for f in files]))
+        rows_per_shard = auto_rows_per_shard(total, num_actors)
     plan_remote = ray.remote(num_cpus=0.25)(plan_file)
     per_file = ray.get([plan_remote.remote(f, fmt, rows_per_shard, fs) for f in files])
     shards = []
@@ -283,17 +283,21 @@ def run_embed_job(
     if "://" in output:
         raise ValueError("--output must be a local or shared-filesystem path (object-store output is not supported yet)")
     t0 = time.perf_counter()
-    plan = plan_job(corpus, spec, rows_per_shard)
-    digest = plan_digest(plan)
     shard_dir = os.path.join(output, "shards")
     plan_file = os.path.join(output, "plan.json")
     if overwrite and os.path.isdir(output):
         for name in ("shards", "manifest.json", "plan.json", "index.faiss", "ids.parquet"):
             p = os.path.join(output, name)
             shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.unlink(p)
+    old = None
     if os.path.exists(plan_file):
         with open(plan_file, encoding="utf-8") as f:
             old = json.load(f)
+        # A resumed run keeps the shard size it started with, whatever the actor count now.
+        rows_per_shard = rows_per_shard or old.get("rows_per_shard")
+    plan = plan_job(corpus, spec, rows_per_shard, plan_actors(num_actors, use_gpu).num_actors)
+    digest = plan_digest(plan)
+    if old is not None:
         if old.get("digest") != digest:
             raise ValueError(
                 f"{output} holds the output of a different job (input files, fields, model or shard size "

@@ -209,8 +209,10 @@ def embed_corpus_cached(
     plan_file = os.path.join(out, "plan.json")
     if os.path.isfile(plan_file):
         with open(plan_file, encoding="utf-8") as f:
-            old = json.load(f).get("digest")
-        stale = old != plan_digest(plan_job(corpus, spec, rows_per_shard))
+            old_plan = json.load(f)
+        # Same rule as the job: without an explicit size, a resumed run keeps the stored one.
+        size = rows_per_shard or old_plan.get("rows_per_shard")
+        stale = old_plan.get("digest") != plan_digest(plan_job(corpus, spec, size))
         if stale:
             logger.info("corpus embedding cache %s was made by other settings or another corpus file: re-embedding", out)
     t0 = time.perf_counter()

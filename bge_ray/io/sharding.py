@@ -62,10 +62,14 @@ def approx_rows(path: str, fmt: str, fs: pafs.FileSystem | None = None) -> int:
     return n
 
 
-def auto_rows_per_shard(total_rows: int, target_shards: int = 32, low: int = 256, high: int = 50_000) -> int:
-    """Enough shards to keep every actor of a pool busy and to make resume cheap, but never tiny
-    (per-shard overhead) nor huge (a retry redoes a whole shard)."""
-    return int(min(high, max(low, -(-total_rows // target_shards))))
+def auto_rows_per_shard(total_rows: int, num_actors: int, low: int = 1024, high: int = 50_000) -> int:
+    """Two shards per actor, within [low, high] rows.
+
+    Each shard is length-sorted on its own, so small shards pad more (256-row shards padded 30% more
+    tokens than one sort over msmarco-subset); two per actor balance the pool; ``high`` bounds what a
+    retry redoes and what an actor holds in memory.
+    """
+    return int(min(high, max(low, -(-total_rows // (2 * max(1, num_actors))))))
 
 
 def plan_file(path: str, fmt: str, rows_per_shard: int, fs: pafs.FileSystem | None = None) -> list[dict]:
