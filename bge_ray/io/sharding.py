@@ -63,13 +63,13 @@ def approx_rows(path: str, fmt: str, fs: pafs.FileSystem | None = None) -> int:
 
 
 def auto_rows_per_shard(total_rows: int, num_actors: int, low: int = 1024, high: int = 50_000) -> int:
-    """Two shards per actor, within [low, high] rows.
+    """One shard per actor for small inputs, ``high``-row shards for large ones.
 
-    Each shard is length-sorted on its own, so small shards pad more (256-row shards padded 30% more
-    tokens than one sort over msmarco-subset); two per actor balance the pool; ``high`` bounds what a
-    retry redoes and what an actor holds in memory.
+    Each shard is length-sorted on its own, so smaller shards pad more (on msmarco-subset at batch
+    64: 1.8% padding for one sort over 5000 rows, 3.6% at 2500-row shards, 6.9% at 1250, 32% at
+    256). ``high`` bounds what a retry redoes and what an actor holds in memory.
     """
-    return int(min(high, max(low, -(-total_rows // (2 * max(1, num_actors))))))
+    return int(min(high, max(low, -(-total_rows // max(1, num_actors)))))
 
 
 def plan_file(path: str, fmt: str, rows_per_shard: int, fs: pafs.FileSystem | None = None) -> list[dict]:
