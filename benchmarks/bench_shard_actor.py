@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -101,7 +100,6 @@ def main(argv=None):
     print(f"ratio {theirs / ours:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    _ = np
 
 
 if __name__ == "__main__":

@@ -58,13 +58,10 @@ class EmbedActor:
     """Ray Data callable class: loads the model once, embeds each incoming batch of rows."""
 
     def __init__(self, spec: EmbedderSpec, torch_threads: int | None = None):
-        import torch
+        from .runtime import actor_device
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        devices = "cuda:0" if torch.cuda.is_available() else "cpu"
         self.spec = spec
-        self.model = spec.load(devices=devices)
+        self.model = spec.load(devices=actor_device(torch_threads))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch["text"].to_pylist()

@@ -64,3 +64,12 @@ def plan_actors(num_actors: int | None = None, use_gpu: bool | None = None) -> A
     share = cpus / n
     actor_cpus = max(0.1, min(share, (cpus - 2 * read_cpus) / n))
     return ActorPlan(n, actor_cpus, 0.0, max(1, int(share)), read_cpus)
+
+
+def actor_device(torch_threads: int | None = None) -> str:
+    """Inside an actor: cap torch's CPU threads to the actor's share, return the device to load on."""
+    import torch
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -62,12 +62,10 @@ class RerankActor:
     """Ray Data callable class: loads the reranker once, scores each batch of ``{idx, query, passage}``."""
 
     def __init__(self, spec: RerankerSpec, torch_threads: int | None = None):
-        import torch
+        from .runtime import actor_device
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
         self.spec = spec
-        self.model = spec.load(devices="cuda:0" if torch.cuda.is_available() else "cpu")
+        self.model = spec.load(devices=actor_device(torch_threads))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pairs = list(zip(batch["query"].to_pylist(), batch["passage"].to_pylist(), strict=True))

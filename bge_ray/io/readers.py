@@ -1,5 +1,6 @@
-"""Read corpora (jsonl / parquet / csv files, folders, globs, BEIR folders, object-store URIs) as
-Ray Datasets with two columns: ``id`` (string) and ``text``."""
+"""Locate corpus files (files, folders, globs, BEIR folders, object-store URIs), detect their format
+and map their fields to ``id`` + ``text`` (BEIR: title + text). Rows are read per shard by
+:mod:`bge_ray.io.sharding`."""
 
 from __future__ import annotations
 
@@ -110,29 +111,3 @@ def join_text(table: pa.Table, text_fields: tuple[str, ...]) -> pa.Array:
         sep = pc.if_else(pc.and_(pc.greater(pc.utf8_length(out), 0), pc.greater(pc.utf8_length(c), 0)), " ", "")
         out = pc.binary_join_element_wise(out, sep, c, "")
     return out
-
-
-def read_corpus(spec: CorpusSpec, num_cpus: float = 1.0, **read_kwargs):
-    """A Ray Dataset of ``{id: string, text: string}`` rows, in file order; its tasks ask for ``num_cpus``."""
-    import ray.data
-
-    files, fs = expand_paths(spec.path)
-    fmt = detect_format(files, spec.format)
-    kw = dict(filesystem=fs, ray_remote_args={"num_cpus": num_cpus}, **read_kwargs)
-    if fmt == "json":
-        ds = ray.data.read_json(files, lines=True, **kw)
-    elif fmt == "parquet":
-        ds = ray.data.read_parquet(files, **kw)
-    else:
-        import pyarrow.csv as pacsv
-
-        delim = "\t" if all(_ext(f) == ".tsv" for f in files) else ","
-        ds = ray.data.read_csv(files, parse_options=pacsv.ParseOptions(delimiter=delim), **kw)
-    id_field, text_fields = spec.id_field, spec.text_fields
-    where = files[0] if len(files) == 1 else spec.path
-
-    def to_rows(table: pa.Table) -> pa.Table:
-        idf, tf = pick_fields(table.column_names, id_field, text_fields, where)
-        return pa.table({"id": table[idf].cast(pa.string()), "text": join_text(table, tf)})
-
-    return ds.map_batches(to_rows, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus)
