@@ -40,6 +40,12 @@ def tiny_bert(tiny_root):
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_nodrop(tiny_root):
+    """A tiny BERT without dropout: training steps are deterministic."""
+    return tiny_models.build_bert(tiny_root / "bge-tiny-bert-nodrop", dropout=0.0)
+
+
+@pytest.fixture(scope="session")
 def tiny_m3(tiny_root, unigram_tokenizer):
     return tiny_models.build_m3(tiny_root / "bge-m3-tiny", unigram_tokenizer)
 

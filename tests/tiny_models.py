@@ -74,8 +74,9 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
             shutil.copy(src / name, out / name)
 
 
-def build_bert(out: Path, hidden: int = 32, layers: int = 2) -> Path:
-    """bge-*-v1.5 layout: BertModel weights + the bundled BERT tokenizer (cls pooling)."""
+def build_bert(out: Path, hidden: int = 32, layers: int = 2, dropout: float = 0.1) -> Path:
+    """bge-*-v1.5 layout: BertModel weights + the bundled BERT tokenizer (cls pooling).
+    ``dropout=0`` makes training steps deterministic (gradient comparisons)."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -88,6 +89,8 @@ def build_bert(out: Path, hidden: int = 32, layers: int = 2) -> Path:
         intermediate_size=hidden * 2,
         max_position_embeddings=512,
         initializer_range=INIT_RANGE,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertModel(cfg).save_pretrained(out)
     _copy_tokenizer(src, out)

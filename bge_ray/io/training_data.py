@@ -42,11 +42,11 @@ def _json_lines(path: str):
             yield lineno, rec
 
 
-def read_training_jsonl(path: str) -> list[dict]:
+def read_training_jsonl(path: str, with_line_numbers: bool = False) -> list[dict]:
     """FlagEmbedding training lines ``{"query": str, "pos": [str, ...], "neg": [str, ...], ...}``.
 
     ``query`` and a non-empty ``pos`` are required, ``neg`` is optional; other fields are kept as
-    they are. Blank lines are skipped.
+    they are. Blank lines are skipped. ``with_line_numbers`` adds ``"__line__"`` to each record.
     """
     records = []
     for lineno, rec in _json_lines(path):
@@ -58,6 +58,8 @@ def read_training_jsonl(path: str) -> list[dict]:
         _check_str_list(path, lineno, rec, "pos", non_empty=True)
         if "neg" in rec:
             _check_str_list(path, lineno, rec, "neg", non_empty=False)
+        if with_line_numbers:
+            rec["__line__"] = lineno
         records.append(rec)
     if not records:
         raise TrainingDataError(f"{path}: no training lines")
