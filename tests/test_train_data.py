@@ -69,7 +69,7 @@ def test_bad_lines_name_file_and_line(tmp_path):
 
 def _sources(sizes, batch_sizes, flags=None):
     out, start = [], 0
-    for k, (n, b) in enumerate(zip(sizes, batch_sizes)):
+    for k, (n, b) in enumerate(zip(sizes, batch_sizes, strict=True)):
         out.append(td.Source(td.SourceSpec((f"f{k}",), bool(flags and flags[k])), list(range(start, start + n)), b))
         start += n
     return out

@@ -81,9 +81,9 @@ def _args(model, train_file, out, workers, batch, **train_kw):
     m = ModelArgs(model_name_or_path=str(model))
     d = DataArgs(train_data=[str(train_file)], train_group_size=3, query_max_len=16, passage_max_len=24,
                  knowledge_distillation=train_kw.pop("knowledge_distillation", False))
-    t = TrainArgs(output_dir=str(out), per_device_train_batch_size=batch, learning_rate=train_kw.pop("learning_rate", 1e-4),
-                  num_train_epochs=1, max_steps=train_kw.pop("max_steps", 1), temperature=train_kw.pop("temperature", 0.05), save_steps=1000,
-                  sentence_pooling_method="cls", **train_kw)
+    defaults = {"learning_rate": 1e-4, "max_steps": 1, "temperature": 0.05, "save_steps": 1000}
+    t = TrainArgs(output_dir=str(out), per_device_train_batch_size=batch, num_train_epochs=1,
+                  sentence_pooling_method="cls", **{**defaults, **train_kw})
     r = RayArgs(num_workers=workers, cpus_per_worker=0.5)
     return m, d, t, r
 

@@ -1,0 +1,75 @@
+"""Training survives a worker crash (FailureConfig retry from the last checkpoint) and a rerun of
+the same command after a failed run resumes where it stopped; both end with the weights of an
+uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray.train
+import torch
+
+from tests.test_train_embedder import _args, _train_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _train(model, train, out, **kw):
+    from bge_ray.train.embedder import EmbedderTask
+    from bge_ray.train.runner import run_training
+
+    max_failures = kw.pop("max_failures", 0)
+    env = kw.pop("worker_env", None)
+    m, d, t, r = _args(model, train, out, 2, 2, max_steps=4, save_steps=2, negatives_cross_device=True, **kw)
+    r.max_failures = max_failures
+    return run_training(EmbedderTask(m, d, t, "cls"), m, d, t, r, worker_env=env)
+
+
+def _same(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_worker_crash_resumes_from_checkpoint_and_matches_an_uninterrupted_run(ray_local, tiny_bert_nodrop, tmp_path):
+    train = _train_file(tmp_path)
+    clean = _train(tiny_bert_nodrop, train, tmp_path / "clean")
+    marker = tmp_path / "crashed-once"
+    crashed = _train(tiny_bert_nodrop, train, tmp_path / "crash", max_failures=1,
+                     worker_env={"BGE_RAY_TRAIN_FAULT": f"3:{marker}"})
+    assert marker.exists(), "the fault was not injected"
+    history = json.loads((tmp_path / "crash" / "training_summary.json").read_text())["log_history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]  # step 3 redone once, from the step-2 checkpoint
+    assert crashed.optimizer_steps == clean.optimizer_steps == 4
+    diff = _same(_weights(tmp_path / "clean"), _weights(tmp_path / "crash"))
+    assert diff < 1e-6, diff
+    # Training did move the weights away from the base checkpoint.
+    base, trained = _weights(Path(tiny_bert_nodrop)), _weights(tmp_path / "clean")
+    shared = set(base) & set(trained)
+    assert max((base[k] - trained[k]).abs().max().item() for k in shared) > 1e-4
+
+
+def test_rerunning_after_a_failed_run_resumes_it(ray_local, tiny_bert_nodrop, tmp_path):
+    train = _train_file(tmp_path)
+    marker = tmp_path / "crashed-once"
+    with pytest.raises(ray.train.TrainingFailedError):
+        _train(tiny_bert_nodrop, train, tmp_path / "run", worker_env={"BGE_RAY_TRAIN_FAULT": f"3:{marker}"})
+    assert not (tmp_path / "run" / "training_summary.json").exists()  # nothing exported as if finished
+    resumed = _train(tiny_bert_nodrop, train, tmp_path / "run")
+    history = json.loads((tmp_path / "run" / "training_summary.json").read_text())["log_history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    clean = _train(tiny_bert_nodrop, train, tmp_path / "clean")
+    assert resumed.optimizer_steps == clean.optimizer_steps
+    assert _same(_weights(tmp_path / "clean"), _weights(tmp_path / "run")) < 1e-6
+    # A finished run rerun: nothing to do, the same model comes out.
+    before = _weights(tmp_path / "run")
+    _train(tiny_bert_nodrop, train, tmp_path / "run")
+    assert _same(before, _weights(tmp_path / "run")) == 0.0
+    assert torch.is_tensor(next(iter(before.values())))
