@@ -157,3 +157,35 @@ def test_finetune_job_lowers_loss_and_saves_a_flagmodel_checkpoint(ray_local, ti
     assert len(history) == 12 and [h["step"] for h in summary["log_history"]] == list(range(1, 13))
     print("losses", [round(x, 3) for x in history])
     assert np.mean(history[-4:]) < 0.8 * np.mean(history[:4])
+
+
+SHARED_FT = Path(__file__).resolve().parents[2] / "shared" / "data" / "finetune" / "embedder"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_FT.is_dir(), reason="../shared/data not present")
+def test_job_script_on_flagembedding_example_data(ray_local, tiny_bert, tmp_path):
+    """The job's command line with FlagEmbedding's flags, on its example folders: same-dataset batches,
+    no-in-batch-neg folders, teacher scores where present, bf16 autocast, gradient checkpointing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_embedder", Path(__file__).parents[1] / "jobs" / "finetune_embedder.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = tmp_path / "ft"
+    argv = ["--model_name_or_path", str(tiny_bert), "--train_data", str(SHARED_FT / "retrieval"),
+            str(SHARED_FT / "classification-no_in_batch_neg"), str(SHARED_FT / "sts"),
+            "--output_dir", str(out), "--train_group_size", "4", "--query_max_len", "16", "--passage_max_len", "32",
+            "--per_device_train_batch_size", "2", "--same_dataset_within_batch", "True", "--knowledge_distillation",
+            "True", "--query_instruction_for_retrieval", "Represent: ", "--query_instruction_format", "{}{}",
+            "--bf16", "--gradient_checkpointing", "--max_steps", "4", "--negatives_cross_device",
+            "--num_workers", "2", "--cpus_per_worker", "0.5", "--learning_rate", "1e-4", "--logging_steps", "1"]
+    assert job.main(argv) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert [h["step"] for h in summary["log_history"]] == [1, 2, 3, 4]
+    assert all(np.isfinite(h["loss"]) for h in summary["log_history"])
+    assert summary["args"]["train"]["bf16"] is True and summary["args"]["data"]["same_dataset_within_batch"] is True
+    from bge_ray.models import FlagAutoModel
+
+    emb = FlagAutoModel.from_finetuned(str(out), devices="cpu", use_fp16=False).encode(["a query", "a passage"])
+    assert emb.shape == (2, 32) and np.isfinite(emb).all()
