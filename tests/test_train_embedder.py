@@ -189,3 +189,19 @@ def test_job_script_on_flagembedding_example_data(ray_local, tiny_bert, tmp_path
 
     emb = FlagAutoModel.from_finetuned(str(out), devices="cpu", use_fp16=False).encode(["a query", "a passage"])
     assert emb.shape == (2, 32) and np.isfinite(emb).all()
+
+
+@pytest.mark.slow
+def test_gradient_cache_gives_the_whole_batch_gradients(ray_local, tiny_bert_nodrop, tmp_path):
+    """Sub-batches of 3 texts with gradient caching, on 2 workers with cross-worker negatives, take
+    the same step as one plain forward/backward over the whole batch on one worker."""
+    train = _train_file(tmp_path)
+    kw = {"negatives_cross_device": True, "knowledge_distillation": True, "temperature": 0.1}
+    plain = _first_step(tiny_bert_nodrop, train, tmp_path / "plain", 1, 4, **kw)
+    cached = _first_step(tiny_bert_nodrop, train, tmp_path / "cached", 2, 2, grad_cache=True, sub_batch_size=3, **kw)
+    assert cached["loss"] == pytest.approx(plain["loss"], abs=1e-5)
+    worst = max((cached["grads"][k] - plain["grads"][k]).abs().max().item() for k in plain["grads"])
+    print(f"grad cache: max |grad difference| {worst:.2e}")
+    assert worst <= 1e-5
+    with pytest.raises(ValueError, match="needs --sub_batch_size"):
+        _first_step(tiny_bert_nodrop, train, tmp_path / "bad", 1, 4, grad_cache=True)

@@ -84,6 +84,9 @@ class TrainArgs:
     )
     normalize_embeddings: bool = True
     sub_batch_size: int | None = None
+    grad_cache: bool = field(default=False, metadata={
+        "help": "gradient caching: sub-batches of --sub_batch_size with the gradients of the whole batch "
+                "(memory bounded by the sub-batch)"})
     kd_loss_type: str = field(default="kl_div", metadata={"choices": ["kl_div", "m3_kd_loss"]})
 
 

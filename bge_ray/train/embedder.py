@@ -13,6 +13,7 @@ from bge_ray.models.pooling import check_pooling, pool
 
 from .arguments import DataArgs, ModelArgs, TrainArgs
 from .data import GroupOptions, build_groups
+from .grad_cache import grad_cache_step
 from .losses import ContrastiveLoss, LossOutput
 
 _ST_POOLING_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
@@ -136,7 +137,19 @@ class EmbedderTask:
                             d.passage_instruction_for_retrieval, d.passage_instruction_format,
                             d.knowledge_distillation, d.shuffle_ratio, self.train.seed)
 
+    def validate(self) -> None:
+        """Argument checks that must fail before any Ray work starts."""
+        t = self.train
+        if not t.grad_cache:
+            return
+        if not t.sub_batch_size or t.sub_batch_size <= 0:
+            raise ValueError("--grad_cache needs --sub_batch_size (texts per sub-batch)")
+        if t.gradient_accumulation_steps > 1 or t.fp16 or t.deepspeed:
+            raise ValueError("--grad_cache replaces gradient accumulation and runs without --fp16 / --deepspeed "
+                             "(use --bf16 for mixed precision)")
+
     def build(self):
+        self.validate()
         backbone, tokenizer = load_backbone(self.model)
         freeze_unused(backbone, self.train.fix_position_embedding)
         self.loss = ContrastiveLoss(self.train.temperature, self.train.negatives_cross_device, self.train.kd_loss_type)
@@ -152,8 +165,13 @@ class EmbedderTask:
 
     def step(self, model, rows, batch, device) -> LossOutput:
         q, p, teacher = self.features(self.tokenizer, rows, batch, device)
+        no_in_batch_neg = bool(rows[0]["no_in_batch_neg"])
+        if self.train.grad_cache:
+            inner = getattr(model, "module", model)
+            return grad_cache_step(model, inner.encode, q, p, self.train.sub_batch_size,
+                                   lambda qr, pr: self.loss(qr, pr, teacher, no_in_batch_neg=no_in_batch_neg))
         q_reps, p_reps = model(q, p)
-        return self.loss(q_reps, p_reps, teacher, no_in_batch_neg=bool(rows[0]["no_in_batch_neg"]))
+        return self.loss(q_reps, p_reps, teacher, no_in_batch_neg=no_in_batch_neg)
 
     def save(self, model: BiEncoder, tokenizer, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)

@@ -205,13 +205,14 @@ def train_loop_per_worker(config: dict) -> None:
         with no_sync:
             with _autocast(cfg, device):
                 out = task.step(ddp, rows, b, device)
-            loss = out.backward / cfg.accumulation
-            if cfg.deepspeed:
-                ddp.backward(loss)
-            elif scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            if out.backward is not None:  # None: the task back-propagated itself (gradient caching)
+                loss = out.backward / cfg.accumulation
+                if cfg.deepspeed:
+                    ddp.backward(loss)
+                elif scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
         loss_sum += float(out.value)
         loss_n += 1
         groups_done += cfg.global_batch_size

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 @dataclass
 class LossOutput:
-    backward: torch.Tensor  # what to call .backward() on (scaled for DDP averaging)
+    backward: torch.Tensor | None  # what to call .backward() on (scaled for DDP averaging); None: done
     value: torch.Tensor  # the loss as defined, detached (same on every rank once reduced)
     scores: torch.Tensor | None = None
 

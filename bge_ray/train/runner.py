@@ -35,6 +35,20 @@ class TrainResult:
     examples: int
 
 
+def _progress_callback():
+    """A driver-side Ray Train callback printing one line per reported step (rank 0's metrics)."""
+    import ray.train
+
+    class Progress(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0] if metrics else {}
+            if "loss" in m:
+                print(f"step {m['step']}: loss {m['loss']:.4f}, lr {m['learning_rate']:.2e}, "
+                      f"{m['groups_per_s']:.2f} groups/s{' (checkpoint)' if checkpoint else ''}", flush=True)
+
+    return Progress()
+
+
 def worker_resources(ray_args: RayArgs) -> tuple[dict, int]:
     """Ray resources per worker and the torch threads each uses."""
     import ray
@@ -87,6 +101,8 @@ def run_training(task, model_args: ModelArgs, data_args: DataArgs, train_args: T
     from bge_ray.batch.runtime import init_ray
 
     t0 = time.perf_counter()
+    if hasattr(task, "validate"):
+        task.validate()
     output_dir = os.path.abspath(train_args.output_dir)
     _prepare_output(output_dir, train_args.overwrite_output_dir)
     init_ray(ray_args.address)
@@ -115,6 +131,7 @@ def run_training(task, model_args: ModelArgs, data_args: DataArgs, train_args: T
         run_config=ray.train.RunConfig(
             name=ray_args.run_name or "run", storage_path=storage,
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+            callbacks=[_progress_callback()],
             failure_config=ray.train.FailureConfig(max_failures=ray_args.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_args.save_total_limit)),
         datasets=rank_datasets(table, plan),
