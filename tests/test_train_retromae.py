@@ -19,7 +19,6 @@ from bge_ray.train.retromae import (
     RetroMAEDataArgs,
     RetroMAETask,
     load_pretraining_corpus,
-    rank_text_rows,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -269,7 +268,7 @@ def test_text_reader_errors_name_file_and_line(tmp_path):
 
 
 def test_plan_deals_each_rank_its_slots(tmp_path):
-    from bge_ray.train.data import plan_training
+    from bge_ray.train.data import plan_training, rank_rows
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"text": f"a{i}"}) + "\n" for i in range(7)))
@@ -277,7 +276,7 @@ def test_plan_deals_each_rank_its_slots(tmp_path):
     table, sources = load_pretraining_corpus([str(a), str(b)], 3)
     plan = plan_training(sources, 2, seed=1, num_train_epochs=1, max_steps=-1)
     assert len(plan.batches) == 2  # 12 texts, global batches of 6, files pooled
-    ranks = [rank_text_rows(table, plan, r) for r in range(2)]
+    ranks = [rank_rows(table, plan, r) for r in range(2)]
     assert all(len(rows) == 6 for rows in ranks)
     seen = [row["text"] for rows in ranks for row in rows]
     assert sorted(seen) == sorted(r["text"] for r in table)

@@ -243,8 +243,8 @@ def rank_rows(table: list[dict], plan: TrainPlan, rank: int) -> list[dict]:
         per = len(gb.rows) // plan.world_size
         for slot in range(rank * per, (rank + 1) * per):
             ex = table[gb.rows[slot]]
-            out.append({**{k: ex[k] for k in FIELDS}, "file": ex["file"], "line": ex["line"], "batch": b,
-                        "slot": slot, "epoch": b // plan.batches_per_epoch, "no_in_batch_neg": gb.no_in_batch_neg})
+            out.append({**ex, "batch": b, "slot": slot, "epoch": b // plan.batches_per_epoch,
+                        "no_in_batch_neg": gb.no_in_batch_neg})
     return out
 
 

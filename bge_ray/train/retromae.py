@@ -26,11 +26,9 @@ slot), so a resumed step is redone identically.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -116,24 +114,6 @@ def load_pretraining_corpus(train_data: Sequence[str], per_device_batch_size: in
     if not table:
         raise TrainingDataError(f"no pre-training texts in {list(train_data)}")
     return table, sources
-
-
-def rank_text_rows(table: list[dict], plan, rank: int) -> list[dict]:
-    """What rank ``rank`` trains on, in order (``data.rank_rows`` for ``text`` examples)."""
-    out = []
-    for b, gb in enumerate(plan.batches):
-        per = len(gb.rows) // plan.world_size
-        for slot in range(rank * per, (rank + 1) * per):
-            ex = table[gb.rows[slot]]
-            out.append({"text": ex["text"], "file": ex["file"], "line": ex["line"], "batch": b, "slot": slot,
-                        "epoch": b // plan.batches_per_epoch})
-    return out
-
-
-def rank_text_datasets(table: list[dict], plan) -> dict:
-    import ray
-
-    return {f"rank{r}": ray.data.from_items(rank_text_rows(table, plan, r)) for r in range(plan.world_size)}
 
 
 # -- masking ------------------------------------------------------------------------------------------
@@ -470,62 +450,11 @@ class RetroMAETask:
 
 # -- driver -------------------------------------------------------------------------------------------
 def run_pretraining(task: RetroMAETask, model_args: ModelArgs, data_args: RetroMAEDataArgs, train_args: TrainArgs,
-                    ray_args: RayArgs, debug_grad_file: str | None = None):
-    """:func:`bge_ray.train.runner.run_training` for ``{"text"}`` corpora: read and plan the texts,
-    train on a Ray Train worker group, export the final encoder to ``output_dir``."""
-    import ray.train
-    from ray.data import ExecutionOptions
-    from ray.train.torch import TorchConfig, TorchTrainer
+                    ray_args: RayArgs, debug_grad_file: str | None = None, worker_env: dict | None = None):
+    """:func:`bge_ray.train.runner.run_training` on a ``{"text"}`` corpus: the final encoder goes to ``output_dir``."""
+    from .runner import run_training
 
-    from bge_ray.batch.runtime import init_ray
-
-    from .data import plan_training
-    from .loop import LoopConfig, train_loop_per_worker
-    from .runner import CHECKPOINTS, SUMMARY, TrainResult, _export, _prepare_output, worker_resources
-
-    t0 = time.perf_counter()
-    output_dir = os.path.abspath(train_args.output_dir)
-    _prepare_output(output_dir, train_args.overwrite_output_dir)
-    init_ray(ray_args.address)
-    table, sources = load_pretraining_corpus(data_args.train_data, train_args.per_device_train_batch_size)
-    world = ray_args.num_workers
-    plan = plan_training(sources, world, train_args.seed, train_args.num_train_epochs, train_args.max_steps,
-                         train_args.gradient_accumulation_steps, same_dataset=False)
-    global_batch = len(plan.batches[0].rows)
-    loop = LoopConfig.from_args(train_args, plan.optimizer_steps, train_args.gradient_accumulation_steps, global_batch,
-                                debug_grad_file=debug_grad_file)
-    resources, threads = worker_resources(ray_args)
-    logger.info("%d texts in %d file(s); %d global batches of %d (%d per worker x %d workers) -> %d optimizer steps",
-                len(table), len(sources), len(plan.batches), global_batch, global_batch // world, world,
-                plan.optimizer_steps)
-    storage = os.path.abspath(ray_args.storage_path or os.path.join(output_dir, CHECKPOINTS))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"task": task, "loop": loop, "torch_threads": threads},
-        torch_config=TorchConfig(backend="nccl" if ray_args.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=ray_args.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=ray_args.run_name or "run", storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=ray_args.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train_args.save_total_limit)),
-        datasets=rank_text_datasets(table, plan),
-        dataset_config=ray.train.DataConfig(datasets_to_split=[],
-                                            execution_options=ExecutionOptions(preserve_order=True)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training ended without a checkpoint (error: {result.error})")
-    history = _export(result.checkpoint, output_dir)
-    metrics = dict(result.metrics or {})
-    seconds = time.perf_counter() - t0
-    summary = {"optimizer_steps": plan.optimizer_steps, "global_batch_size": global_batch, "num_workers": world,
-               "examples": len(table), "seconds": seconds, "final_metrics": metrics, "log_history": history,
-               "args": {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
-                        "train": dataclasses.asdict(train_args), "ray": dataclasses.asdict(ray_args)}}
-    tmp = os.path.join(output_dir, f".{SUMMARY}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(output_dir, SUMMARY))
-    logger.info("pre-trained %d steps in %.1f s; encoder in %s", plan.optimizer_steps, seconds, output_dir)
-    return TrainResult(output_dir, plan.optimizer_steps, metrics, seconds, len(table))
+    return run_training(task, model_args, data_args, train_args, ray_args, debug_grad_file=debug_grad_file,
+                        worker_env=worker_env,
+                        read_data=lambda: load_pretraining_corpus(data_args.train_data,
+                                                                  train_args.per_device_train_batch_size))

@@ -91,9 +91,10 @@ def _prepare_output(output_dir: str, overwrite: bool) -> None:
 
 def run_training(task, model_args: ModelArgs, data_args: DataArgs, train_args: TrainArgs, ray_args: RayArgs,
                  need_neg: bool = True, debug_grad_file: str | None = None,
-                 worker_env: dict[str, str] | None = None) -> TrainResult:
+                 worker_env: dict[str, str] | None = None, read_data=None) -> TrainResult:
     """Plan the data, train on a Ray Train worker group and write the final model to ``output_dir``.
-    ``worker_env``: environment variables for the training workers."""
+    ``worker_env``: environment variables for the training workers. ``read_data() -> (examples,
+    sources)`` replaces the FlagEmbedding training-jsonl reader (pre-training corpora)."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -106,14 +107,18 @@ def run_training(task, model_args: ModelArgs, data_args: DataArgs, train_args: T
     output_dir = os.path.abspath(train_args.output_dir)
     _prepare_output(output_dir, train_args.overwrite_output_dir)
     init_ray(ray_args.address)
-    table, sources = load_sources(
-        data_args.train_data, train_args.per_device_train_batch_size, data_args.knowledge_distillation,
-        need_neg=need_neg and data_args.train_group_size > 1,
-        max_example_num_per_dataset=data_args.max_example_num_per_dataset, seed=train_args.seed,
-        small_threshold=data_args.small_threshold, drop_threshold=data_args.drop_threshold)
+    if read_data is not None:
+        table, sources = read_data()
+    else:
+        table, sources = load_sources(
+            data_args.train_data, train_args.per_device_train_batch_size, data_args.knowledge_distillation,
+            need_neg=need_neg and data_args.train_group_size > 1,
+            max_example_num_per_dataset=data_args.max_example_num_per_dataset, seed=train_args.seed,
+            small_threshold=data_args.small_threshold, drop_threshold=data_args.drop_threshold)
     world = ray_args.num_workers
     plan = plan_training(sources, world, train_args.seed, train_args.num_train_epochs, train_args.max_steps,
-                         train_args.gradient_accumulation_steps, data_args.same_dataset_within_batch)
+                         train_args.gradient_accumulation_steps,
+                         getattr(data_args, "same_dataset_within_batch", False))
     global_batch = len(plan.batches[0].rows)
     loop = LoopConfig.from_args(train_args, plan.optimizer_steps, train_args.gradient_accumulation_steps, global_batch,
                                 debug_grad_file=debug_grad_file)
