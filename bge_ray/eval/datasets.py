@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from bge_ray.io.atomic import atomic_path
+from bge_ray.io.jsonl import json_lines
 
 from .beir import read_qrels
 
@@ -44,18 +45,7 @@ class DatasetError(ValueError):
 
 # -- reading files ---------------------------------------------------------------------------------
 def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            yield n, row
+    return json_lines(path, DatasetError)
 
 
 def _field(row: dict, names: Sequence[str], path: str, n: int) -> str:

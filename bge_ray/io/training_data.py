@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 
 from .atomic import atomic_path
+from .jsonl import json_lines as _json_lines
 
 
 class TrainingDataError(ValueError):
@@ -27,19 +28,9 @@ def _check_str_list(path: str, lineno: int, rec: dict, key: str, non_empty: bool
             )
 
 
-def _json_lines(path: str):
+def json_lines(path: str):
     """(line number, parsed object) for each non-blank line; errors name file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainingDataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise TrainingDataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+    return _json_lines(path, TrainingDataError)
 
 
 def read_training_jsonl(path: str, with_line_numbers: bool = False) -> list[dict]:
@@ -49,7 +40,7 @@ def read_training_jsonl(path: str, with_line_numbers: bool = False) -> list[dict
     they are. Blank lines are skipped. ``with_line_numbers`` adds ``"__line__"`` to each record.
     """
     records = []
-    for lineno, rec in _json_lines(path):
+    for lineno, rec in json_lines(path):
         for key in ("query", "pos"):
             if key not in rec:
                 raise TrainingDataError(f"{path}:{lineno}: missing {key!r} (fields: {sorted(rec)})")
@@ -69,7 +60,7 @@ def read_training_jsonl(path: str, with_line_numbers: bool = False) -> list[dict
 def read_candidate_pool(path: str) -> list[str]:
     """``{"text": str}`` per line (other fields ignored), as FlagEmbedding's ``--candidate_pool``."""
     texts = []
-    for lineno, rec in _json_lines(path):
+    for lineno, rec in json_lines(path):
         if "text" not in rec:
             raise TrainingDataError(f"{path}:{lineno}: missing 'text' (fields: {sorted(rec)})")
         if not isinstance(rec["text"], str):

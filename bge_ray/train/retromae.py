@@ -26,7 +26,6 @@ slot), so a resumed step is redone identically.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -74,26 +73,19 @@ class RetroMAEDataArgs:
 def read_pretraining_texts(path: str) -> list[dict]:
     """``{"text": str}`` lines of one jsonl file as ``{"text", "file", "line"}``; other fields are
     ignored, blank lines and empty texts skipped; errors name file and line."""
+    from bge_ray.io.training_data import json_lines
+
     rows, empty = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainingDataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise TrainingDataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            if "text" not in rec:
-                raise TrainingDataError(f"{path}:{lineno}: missing 'text' (fields: {sorted(rec)})")
-            text = rec["text"]
-            if not isinstance(text, str):
-                raise TrainingDataError(f"{path}:{lineno}: 'text' must be a string, got {type(text).__name__}")
-            if not text.strip():
-                empty += 1
-                continue
-            rows.append({"text": text, "file": path, "line": lineno})
+    for lineno, rec in json_lines(path):
+        if "text" not in rec:
+            raise TrainingDataError(f"{path}:{lineno}: missing 'text' (fields: {sorted(rec)})")
+        text = rec["text"]
+        if not isinstance(text, str):
+            raise TrainingDataError(f"{path}:{lineno}: 'text' must be a string, got {type(text).__name__}")
+        if not text.strip():
+            empty += 1
+            continue
+        rows.append({"text": text, "file": path, "line": lineno})
     if empty:
         logger.warning("%s: skipped %d empty text(s)", path, empty)
     return rows
