@@ -129,7 +129,7 @@ class ContrastiveLoss:
         scores = score_fn(all_q, all_p)  # [W*B, W*B*G]
         first = torch.arange(all_q.size(0), device=q.device) * group
         if targets is not None and self.kd_loss_type == "m3_kd_loss":
-            global_part = m3_kd_loss(gather_with_grad(targets), scores, group, first)
+            global_part = m3_kd_loss(gather_with_grad(targets) if size > 1 else targets, scores, group, first)
             local_part = None
         else:
             global_part = F.cross_entropy(scores, first)

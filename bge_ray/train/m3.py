@@ -50,7 +50,7 @@ from .embedder import (
     load_backbone_weights,
     write_sentence_transformers_files,
 )
-from .losses import ContrastiveLoss, LossOutput, kl_div_loss, m3_kd_loss, mean_across_ranks, world
+from .losses import ContrastiveLoss, LossOutput, kl_div_loss, mean_across_ranks, world
 
 logger = logging.getLogger(__name__)
 
@@ -173,21 +173,6 @@ def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     return x if x.size(1) == length else F.pad(x, (0, 0, 0, length - x.size(1)))
 
 
-class _ContrastiveLoss(ContrastiveLoss):
-    """``ContrastiveLoss`` with one case fixed: without cross-device negatives on a multi-worker group,
-    its ``m3_kd_loss`` path still all-gathers the teacher targets (and fails on the shape mismatch).
-    Here that case scores this worker's queries against its own targets."""
-
-    def __call__(self, q, p, teacher_scores=None, no_in_batch_neg=False, score_fn=None) -> LossOutput:
-        if (teacher_scores is None or self.kd_loss_type != "m3_kd_loss" or no_in_batch_neg
-                or (self.cross_device and world()[1] > 1) or world()[1] == 1):
-            return super().__call__(q, p, teacher_scores, no_in_batch_neg, score_fn)
-        scores = (score_fn or self.scores)(q, p)
-        targets = torch.softmax(teacher_scores.detach().float(), dim=-1)
-        loss = m3_kd_loss(targets, scores, p.size(0) // q.size(0))
-        return LossOutput(loss, mean_across_ranks(loss), scores)
-
-
 class M3Loss:
     """The unified M3 loss (see the module docstring) over :class:`M3Reps`."""
 
@@ -200,8 +185,8 @@ class M3Loss:
         self.self_distill_start_step = self_distill_start_step
         self.cross_device = negatives_cross_device
         self.all_modes = cross_device_all_modes
-        self.dense = _ContrastiveLoss(temperature, negatives_cross_device, kd_loss_type)
-        self.heads = _ContrastiveLoss(temperature, negatives_cross_device and cross_device_all_modes, kd_loss_type)
+        self.dense = ContrastiveLoss(temperature, negatives_cross_device, kd_loss_type)
+        self.heads = ContrastiveLoss(temperature, negatives_cross_device and cross_device_all_modes, kd_loss_type)
 
     def sparse_scores(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return q @ p.transpose(0, 1) / self.temperature
