@@ -135,15 +135,16 @@ def from_namespace(cls, ns: argparse.Namespace):
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
-def parse_training_args(argv, *extra: type, description: str | None = None):
-    """Parse ``argv`` into (ModelArgs, DataArgs, TrainArgs, RayArgs, *extra instances)."""
+def parse_training_args(argv, *extra: type, description: str | None = None, data_class: type = DataArgs):
+    """Parse ``argv`` into (ModelArgs, DataArgs, TrainArgs, RayArgs, *extra instances); ``data_class``
+    replaces DataArgs (the reranker's data arguments)."""
     parser = argparse.ArgumentParser(description=description)
-    classes = (ModelArgs, DataArgs, TrainArgs, RayArgs, *extra)
+    classes = (ModelArgs, data_class, TrainArgs, RayArgs, *extra)
     for cls in classes:
         add_dataclass_arguments(parser, cls)
     ns = parser.parse_args(argv)
     out = [from_namespace(cls, ns) for cls in classes]
-    data: DataArgs = out[1]
+    data = out[1]
     if not data.train_data:
         parser.error("--train_data is required (jsonl files or folders of them)")
     for path in data.train_data:
