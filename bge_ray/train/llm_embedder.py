@@ -1,0 +1,362 @@
+"""Decoder-only embedder training (FlagEmbedding's ``decoder_only.base`` and ``decoder_only.icl``):
+LoRA through ``peft``, last-token pooling, and the in-context-learning variant that writes few-shot
+examples drawn from the batch in front of the queries.
+
+Tokenisation is FlagEmbedding's: the tokenizer is loaded with ``add_eos_token=True`` (the EOS that
+last-token pooling reads), pads on the left, and falls back to UNK / EOS for padding. The trained
+tokenizer is saved beside the weights, so :class:`bge_ray.models.FlagLLMModel` (which tokenises with
+the saved tokenizer, special tokens on) embeds a text exactly as training did.
+
+Saved layout (one folder per checkpoint, and ``output_dir`` at the end):
+
+* with LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format; loads with
+  ``PeftModel.from_pretrained(base, folder)`` or ``transformers.AutoModel.from_pretrained(folder)``),
+  the tokenizer, ``embedding/embed_tokens.safetensors`` when ``--additional_special_tokens`` grew
+  the vocabulary, and with ``--save_merged_lora_model`` a full merged model in ``merged_model/``
+  that ``FlagLLMModel`` / ``FlagICLModel`` / ``FlagAutoModel`` load directly;
+* without LoRA (``--use_lora False``): the full model and tokenizer at the top, loadable directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data import SYMMETRIC_TYPES, build_groups
+from .embedder import BiEncoder, EmbedderTask, freeze_unused, load_backbone_weights, tokenize_texts
+from .losses import ContrastiveLoss, LossOutput
+
+logger = logging.getLogger(__name__)
+
+#: FlagEmbedding's query format for decoder-only embedders (its example scripts and bge-en-icl).
+LLM_QUERY_INSTRUCTION_FORMAT = "<instruct>{}\n<query>{}"
+#: Where ``save_merged_lora_model`` writes the merged model inside a saved folder (FlagEmbedding's name).
+MERGED_DIR = "merged_model"
+#: The resized input embeddings when ``additional_special_tokens`` added tokens.
+EMBEDDING_FILE = os.path.join("embedding", "embed_tokens.safetensors")
+#: FlagEmbedding's ICL dataset keeps the few-shot prefix within ``query_max_len - 512`` tokens.
+ICL_PREFIX_RESERVE = 512
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def default_target_modules() -> list[str]:
+    return ["v_proj", "q_proj", "k_proj", "gate_proj", "down_proj", "o_proj", "up_proj"]
+
+
+@dataclass
+class LLMArgs:
+    """FlagEmbedding's DecoderOnlyEmbedder(ICL)ModelArguments and ICL data arguments, plus ``icl``."""
+
+    peft_model_path: str = field(default="", metadata={"help": "a LoRA adapter to start from (trained further)"})
+    from_peft: str | None = field(default=None, metadata={"help": "same as --peft_model_path (FlagEmbedding's "
+                                                                   "name in its model loader)"})
+    raw_peft: str | None = field(default=None, metadata={"help": "a LoRA adapter merged into the base before "
+                                                                 "training"})
+    use_lora: bool = True
+    lora_rank: int = 64
+    lora_alpha: float = 16
+    lora_dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=default_target_modules)
+    modules_to_save: list[str] | None = None
+    use_flash_attn: bool = False
+    additional_special_tokens: list[str] | None = None
+    save_merged_lora_model: bool = field(default=False, metadata={"help": f"also write the merged model to "
+                                                                          f"{MERGED_DIR}/ in every save"})
+    only_merge_lora_model: bool = field(default=False, metadata={"help": "do not train: merge the adapter in "
+                                                                         f"OUTPUT_DIR into OUTPUT_DIR/{MERGED_DIR}"})
+    icl: bool = field(default=False, metadata={"help": "in-context-learning embedder (FlagEmbedding's "
+                                                       "decoder_only.icl): few-shot examples in the queries"})
+    example_query_max_len: int = 64
+    example_passage_max_len: int = 96
+    retrieval_use_examples: bool = True
+    icl_suffix_str: str = "\nResponse:"
+
+    def __post_init__(self):
+        self.icl_suffix_str = self.icl_suffix_str.replace("\\n", "\n")
+
+    @property
+    def start_adapter(self) -> str | None:
+        return self.peft_model_path or self.from_peft or None
+
+
+def load_llm_tokenizer(path: str, trust_remote_code: bool = False, additional_special_tokens=None):
+    """FlagEmbedding's decoder tokenizer: EOS appended, left padding, UNK (else EOS) as padding."""
+    from bge_ray.models.loading import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, add_eos_token=True)
+    except (TypeError, ValueError) as exc:  # a tokenizer class without the option
+        logger.warning("%s: tokenizer does not take add_eos_token (%s); using it as saved", path, exc)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"  # saved with the tokenizer: inference pads as training did
+    if additional_special_tokens:
+        added = tokenizer.add_special_tokens({"additional_special_tokens": list(additional_special_tokens)})
+        if added:
+            logger.info("added %d special tokens: %s", added, additional_special_tokens)
+        else:
+            logger.warning("special tokens %s are already in the tokenizer", additional_special_tokens)
+    return tokenizer
+
+
+def _is_lora_key(key: str) -> bool:
+    return any(part.startswith("lora_") for part in key.split("."))
+
+
+@torch.no_grad()
+def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The base model's state with every LoRA delta folded in, under the base model's own key names,
+    on CPU; the trained module is left untouched (``merge_and_unload`` without the copy)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    adapter = peft_model.active_adapter
+    deltas = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.active_adapters:
+            if adapter in module.lora_A or adapter in module.lora_embedding_A:
+                deltas[name] = module.get_delta_weight(adapter)
+    out: dict[str, torch.Tensor] = {}
+    trained_copy = f".modules_to_save.{adapter}."
+    for key, value in base.state_dict().items():
+        if _is_lora_key(key) or ".original_module." in key:
+            continue
+        if trained_copy in key:
+            key = key.replace(trained_copy, ".")
+        elif ".modules_to_save." in key:
+            continue
+        if ".base_layer." in key:
+            owner, _, leaf = key.partition(".base_layer.")
+            key = f"{owner}.{leaf}"
+            if leaf == "weight" and owner in deltas:
+                value = value + deltas[owner].to(value.dtype)
+        out[key] = value.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def save_tokenizer(tokenizer, folder: str) -> None:
+    """``save_pretrained`` without the truncation / padding state the last training call left in the
+    fast tokenizer (tokenizer.json would otherwise cut every text at the last max_length used)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
+    tokenizer.save_pretrained(folder)
+
+
+def save_merged(peft_model, tokenizer, folder: str) -> None:
+    """A full model folder (config, weights, tokenizer) with the LoRA merged in."""
+    os.makedirs(folder, exist_ok=True)
+    state = merged_state_dict(peft_model)
+    peft_model.get_base_model().save_pretrained(folder, state_dict=state, safe_serialization=True)
+    save_tokenizer(tokenizer, folder)
+
+
+@dataclass
+class LLMEmbedderTask(EmbedderTask):
+    """Contrastive fine-tuning of a decoder-only embedder, LoRA by default, last-token pooling."""
+
+    pooling_method: str = "last_token"
+    llm: LLMArgs = field(default_factory=LLMArgs)
+    resized: bool = field(default=False, init=False, repr=False)  # additional_special_tokens grew the vocabulary
+
+    def __post_init__(self):
+        if self.pooling_method != "last_token":
+            raise ValueError("decoder-only embedders pool the last token (FlagLLMModel reads it); "
+                             f"got pooling_method={self.pooling_method!r}")
+        if not self.model.model_name_or_path:
+            raise ValueError("--model_name_or_path is required for a decoder-only embedder")
+
+    # -- model --------------------------------------------------------------------------------
+    def _paths(self) -> tuple[str, str]:
+        from bge_ray.models.loading import resolve_model_path
+
+        m = self.model
+        path = resolve_model_path(m.model_name_or_path, cache_dir=m.cache_dir)
+        tok = resolve_model_path(m.tokenizer_name, cache_dir=m.cache_dir) if m.tokenizer_name else path
+        return path, tok
+
+    def _load_base(self, path: str, vocab: int) -> torch.nn.Module:
+        """The backbone in float32, ``raw_peft`` merged in, embeddings grown to ``vocab`` tokens."""
+        from bge_ray.models.loading import load_hf_model
+
+        attn = "flash_attention_2" if self.llm.use_flash_attn else "sdpa"
+        backbone = load_hf_model(path, dtype=torch.float32, trust_remote_code=self.model.trust_remote_code,
+                                 attn_implementation=attn)
+        backbone.config.use_cache = False
+        if self.llm.raw_peft:
+            from peft import PeftModel
+
+            backbone = PeftModel.from_pretrained(backbone, self.llm.raw_peft).merge_and_unload()
+        if vocab > backbone.get_input_embeddings().weight.shape[0]:
+            backbone.resize_token_embeddings(vocab)
+            self.resized = True
+        return backbone
+
+    def _wrap_lora(self, backbone: torch.nn.Module) -> torch.nn.Module:
+        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+        a = self.llm
+        if a.start_adapter:
+            logger.info("LoRA from %s (its rank / alpha / targets; --lora_* ignored)", a.start_adapter)
+            return PeftModel.from_pretrained(backbone, a.start_adapter, is_trainable=True)
+        targets = list(a.target_modules)
+        if not self.resized and "embed_tokens" in targets:
+            targets.remove("embed_tokens")  # FlagEmbedding adapts the embeddings only when it grew them
+        config = LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, inference_mode=False, r=a.lora_rank,
+                            lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, target_modules=targets,
+                            modules_to_save=a.modules_to_save)
+        return get_peft_model(backbone, config)
+
+    def build(self):
+        path, tok_path = self._paths()
+        self.resized = False
+        tokenizer = load_llm_tokenizer(tok_path, self.model.trust_remote_code, self.llm.additional_special_tokens)
+        backbone = self._load_base(path, len(tokenizer))
+        freeze_unused(backbone, self.train.fix_position_embedding)
+        if self.llm.use_lora:
+            backbone = self._wrap_lora(backbone)
+            if self.train.gradient_checkpointing:
+                backbone.enable_input_require_grads()
+            n_train = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+            n_all = sum(p.numel() for p in backbone.parameters())
+            logger.info("LoRA: %d of %d parameters trainable (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))
+        self.loss = ContrastiveLoss(self.train.temperature, self.train.negatives_cross_device, self.train.kd_loss_type)
+        self.tokenizer = tokenizer
+        return BiEncoder(backbone, "last_token", self.train.normalize_embeddings, self.train.sub_batch_size), tokenizer
+
+    # -- data ---------------------------------------------------------------------------------
+    def texts(self, rows, batch) -> tuple[list[str], list[str], list | None]:
+        """(queries, passages, teacher scores) of this worker's slice of global batch ``batch``."""
+        if not self.llm.icl:
+            return build_groups(rows, batch, self.group_options())
+        return self.icl_texts(rows, batch)
+
+    def icl_texts(self, rows, batch):
+        """FlagEmbedding's ICL groups: every query gets 0-5 (query, positive) examples of other
+        queries of the same batch in front (``retrieval_use_examples``, or always for symmetric
+        tasks), then is cut to ``query_max_len`` and ends with ``icl_suffix_str``. Symmetric tasks'
+        passages are queries too: instruction-formatted, cut, suffixed. Draws are seeded by
+        (seed, batch, first slot): a resumed run rebuilds the same queries."""
+        d, a, tok = self.data, self.llm, self.tokenizer
+        # Raw texts from the shared group builder (same sampling), formatted here as FlagEmbedding's ICL dataset does.
+        raw = dataclasses.replace(self.group_options(), query_instruction_format="{1}",
+                                  passage_instruction_for_retrieval=None)
+        raw_queries, raw_passages, teacher = build_groups(rows, batch, raw)
+        group = len(raw_passages) // len(rows)
+        kind = rows[0].get("type")
+
+        def ids(text: str) -> list[int]:
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        suffix_len = len(ids(f"{a.icl_suffix_str}{tok.eos_token or ''}"))
+        bos_len = len(ids(tok.bos_token)) if tok.bos_token else 0
+        instructions = [r.get("prompt") or d.query_instruction_for_retrieval or "" for r in rows]
+        queries = [d.query_instruction_format.format(ins, q) for ins, q in zip(instructions, raw_queries, strict=True)]
+        passages: list[str] = []
+        for i, ins in enumerate(instructions):
+            texts = raw_passages[i * group:(i + 1) * group]
+            if kind in SYMMETRIC_TYPES:
+                texts = [d.query_instruction_format.format(ins, p) for p in texts]
+                cut = tok(texts, max_length=d.passage_max_len - 1 - suffix_len, truncation=True,
+                          add_special_tokens=False)["input_ids"]
+                texts = [t + a.icl_suffix_str for t in tok.batch_decode(cut)]
+            elif d.passage_instruction_for_retrieval is not None:
+                texts = [d.passage_instruction_format.format(d.passage_instruction_for_retrieval, p) for p in texts]
+            passages.extend(texts)
+        pairs: list[tuple[str, str]] = []
+        if a.retrieval_use_examples or kind in (*SYMMETRIC_TYPES, "symmetric_class"):
+            # FlagEmbedding pairs a clustering query with its 'category'; our rows carry the positive.
+            pairs = [(tok.decode(ids(q)[:a.example_query_max_len]),
+                      tok.decode(ids(raw_passages[i * group])[:a.example_passage_max_len]))
+                     for i, q in enumerate(queries)]
+        rng = np.random.default_rng([self.train.seed, batch, int(rows[0]["slot"]), 1])
+        budget = d.query_max_len - bos_len - suffix_len
+        out = []
+        for i, query in enumerate(queries):
+            choices = int(rng.integers(6))
+            prefix = ""
+            if choices > 0 and pairs:
+                picked = [int(j) for j in rng.choice(len(pairs), min(choices + 1, len(pairs)), replace=False)]
+                if i in picked:
+                    picked.remove(i)
+                for j in picked[:choices]:
+                    candidate = prefix + a.icl_suffix_str.join(pairs[j]) + "\n\n"
+                    if len(tok(candidate)["input_ids"]) > d.query_max_len - ICL_PREFIX_RESERVE:
+                        break
+                    prefix = candidate
+            cut = tok(prefix + query, max_length=max(budget, 1), truncation=True, add_special_tokens=False)["input_ids"]
+            out.append(tok.decode(cut) + a.icl_suffix_str)
+        return out, passages, teacher
+
+    def step(self, model, rows, batch, device) -> LossOutput:
+        queries, passages, teacher = self.texts(rows, batch)
+        d = self.data
+        q = tokenize_texts(self.tokenizer, queries, d.query_max_len, device, d.pad_to_multiple_of)
+        p = tokenize_texts(self.tokenizer, passages, d.passage_max_len, device, d.pad_to_multiple_of)
+        t = None if teacher is None else torch.tensor(teacher, dtype=torch.float32, device=device)
+        q_reps, p_reps = model(q, p)
+        return self.loss(q_reps, p_reps, t, no_in_batch_neg=bool(rows[0]["no_in_batch_neg"]))
+
+    # -- saving -------------------------------------------------------------------------------
+    def save(self, model: BiEncoder, tokenizer, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        backbone = model.backbone
+        backbone.save_pretrained(folder, safe_serialization=True)  # a PeftModel writes the adapter only
+        save_tokenizer(tokenizer, folder)
+        if not self.llm.use_lora:
+            return
+        if self.resized:
+            from safetensors.torch import save_file
+
+            os.makedirs(os.path.join(folder, "embedding"), exist_ok=True)
+            weight = backbone.get_input_embeddings().weight.detach().to("cpu", copy=True).contiguous()
+            save_file({"weight": weight}, os.path.join(folder, EMBEDDING_FILE))
+        if self.llm.save_merged_lora_model:
+            save_merged(backbone, tokenizer, os.path.join(folder, MERGED_DIR))
+
+    def load(self, model: BiEncoder, folder: str) -> None:
+        if not self.llm.use_lora:
+            load_backbone_weights(model.backbone, folder)
+            return
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        emb = os.path.join(folder, EMBEDDING_FILE)
+        if os.path.exists(emb):
+            model.backbone.get_input_embeddings().weight.data.copy_(load_file(emb)["weight"])
+        weights = os.path.join(folder, ADAPTER_WEIGHTS)
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"{folder}: no {ADAPTER_WEIGHTS} to resume from")
+        result = set_peft_model_state_dict(model.backbone, load_file(weights))
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise RuntimeError(f"{folder}: adapter does not fit the model (unexpected {unexpected[:5]})")
+
+    def merge_saved(self, folder: str, out: str | None = None) -> str:
+        """``--only_merge_lora_model``: fold the adapter saved in ``folder`` into the base model and
+        write the full model to ``out`` (default ``folder/merged_model``)."""
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        from bge_ray.models.loading import load_tokenizer
+
+        if not os.path.exists(os.path.join(folder, "adapter_config.json")):
+            raise FileNotFoundError(f"{folder}: no adapter_config.json (a LoRA run's output_dir) to merge")
+        tokenizer = load_tokenizer(folder, trust_remote_code=self.model.trust_remote_code)
+        path, _ = self._paths()
+        backbone = self._load_base(path, len(tokenizer))
+        emb = os.path.join(folder, EMBEDDING_FILE)
+        if os.path.exists(emb):
+            backbone.get_input_embeddings().weight.data.copy_(load_file(emb)["weight"])
+        peft_model = PeftModel.from_pretrained(backbone, folder)
+        out = out or os.path.join(folder, MERGED_DIR)
+        save_merged(peft_model, tokenizer, out)
+        return out
