@@ -84,12 +84,8 @@ def main(argv=None) -> int:
         logger.info("--icl: batches are drawn from one dataset each (FlagEmbedding's ICL dataset always does)")
         data.same_dataset_within_batch = True
     result = run_training(task, model, data, train, ray_args)
-    m = result.metrics
     merged = os.path.join(result.output_dir, "merged_model")
-    print(f"trained {result.optimizer_steps} steps on {result.examples} examples in {result.seconds:.1f} s "
-          f"(final loss {m.get('loss', float('nan')):.4f}, {m.get('groups_per_s', 0):.2f} groups/s); "
-          f"{'LoRA adapter' if llm.use_lora else 'model'}: {result.output_dir}"
-          + (f"; merged model: {merged}" if os.path.isdir(merged) else ""))
+    print(result.summary_line() + (f"; merged model: {merged}" if os.path.isdir(merged) else ""))
     return 0
 
 

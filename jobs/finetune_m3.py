@@ -35,10 +35,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     task = M3Task(model, data, train, train.sentence_pooling_method or "cls", m3)
     result = run_training(task, model, data, train, ray_args)
-    m = result.metrics
-    print(f"trained {result.optimizer_steps} steps on {result.examples} examples in {result.seconds:.1f} s "
-          f"(final loss {m.get('loss', float('nan')):.4f}, {m.get('groups_per_s', 0):.2f} groups/s); "
-          f"model: {result.output_dir}")
+    print(result.summary_line())
     return 0
 
 

@@ -27,11 +27,7 @@ def main(argv=None) -> int:
     model, data, train, ray_args = parse_training_args(argv, description=__doc__.split("\n\n")[0],
                                                        data_class=RerankerDataArgs)
     result = run_training(RerankerTask(model, data, train), model, data, train, ray_args)
-    m = result.metrics
-    groups = m.get("groups_per_s", 0.0)
-    print(f"trained {result.optimizer_steps} steps on {result.examples} examples in {result.seconds:.1f} s "
-          f"(final loss {m.get('loss', float('nan')):.4f}, {groups:.2f} groups/s = "
-          f"{groups * data.train_group_size:.1f} pairs/s); model: {result.output_dir}")
+    print(result.summary_line(per_group=data.train_group_size))
     return 0
 
 

@@ -53,10 +53,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, data, train, ray_args = parse_args(argv)
     result = run_pretraining(RetroMAETask(model, data, train), model, data, train, ray_args)
-    m = result.metrics
-    print(f"pre-trained {result.optimizer_steps} steps on {result.examples} texts in {result.seconds:.1f} s "
-          f"(final loss {m.get('loss', float('nan')):.4f}, {m.get('groups_per_s', 0):.2f} texts/s); "
-          f"encoder: {result.output_dir}")
+    print(result.summary_line(unit="texts"))
     return 0
 
 

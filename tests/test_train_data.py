@@ -134,7 +134,7 @@ def test_groups_match_flagembedding_semantics_and_are_reproducible():
 
 
 def test_group_types_prompts_and_symmetric_tasks():
-    opts = td.GroupOptions(train_group_size=8, query_instruction_format="<i>{}\n<q>{}")
+    opts = td.GroupOptions(train_group_size=8, query_instruction_format="<i>{}\n<q>{}", same_dataset=True)
     row = {**example(0, n_neg=3), "slot": 0, "file": "f", "line": 1, "prompt": "Find similar", "type": "only_1neg"}
     q, p, _ = td.build_groups([row], 0, opts)
     assert q == ["<i>Find similar\n<q>q0"] and len(p) == 2
@@ -146,6 +146,13 @@ def test_group_types_prompts_and_symmetric_tasks():
     other = {**row, "type": "only_1neg", "line": 2}
     with pytest.raises(TrainingDataError, match="f:2: type 'only_1neg' differs"):
         td.build_groups([row, other], 0, opts)
+    # Mixed batches (FlagEmbedding's plain dataset) ignore types, and prompts too unless a query
+    # instruction is set.
+    mixed = td.GroupOptions(train_group_size=8, query_instruction_format="<i>{}\n<q>{}")
+    q, p, _ = td.build_groups([row, other], 0, mixed)
+    assert q == ["q0", "q0"] and len(p) == 16
+    mixed.query_instruction_for_retrieval = "Default"
+    assert td.build_groups([row], 0, mixed)[0] == ["<i>Find similar\n<q>q0"]
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")

@@ -27,16 +27,16 @@ class ModelArgs:
 
 
 @dataclass
-class DataArgs:
+class GroupDataArgs:
+    """What embedder and reranker training data share (FlagEmbedding's DataArgs)."""
+
     train_data: list[str] = field(default_factory=list, metadata={"help": "jsonl files or folders of them"})
     train_group_size: int = 8
     query_max_len: int = 32
     passage_max_len: int = 128
     pad_to_multiple_of: int | None = None
     max_example_num_per_dataset: int = 100_000_000
-    query_instruction_for_retrieval: str | None = None
     query_instruction_format: str = "{}{}"
-    passage_instruction_for_retrieval: str | None = None
     passage_instruction_format: str = "{}{}"
     knowledge_distillation: bool = False
     shuffle_ratio: float = 0.0
@@ -48,6 +48,12 @@ class DataArgs:
         # Shell users type "\n" literally, as FlagEmbedding expects.
         self.query_instruction_format = self.query_instruction_format.replace("\\n", "\n")
         self.passage_instruction_format = self.passage_instruction_format.replace("\\n", "\n")
+
+
+@dataclass
+class DataArgs(GroupDataArgs):
+    query_instruction_for_retrieval: str | None = None
+    passage_instruction_for_retrieval: str | None = None
 
 
 @dataclass

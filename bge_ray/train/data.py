@@ -282,6 +282,10 @@ class GroupOptions:
     knowledge_distillation: bool = False
     shuffle_ratio: float = 0.0
     seed: int = 42
+    # FlagEmbedding's two datasets: same-dataset batches honour ``type`` (group sizes, symmetric
+    # tasks) and always apply the instruction format; mixed batches ignore ``type`` and format
+    # queries only when a query instruction is set (a line's ``prompt`` then replaces it).
+    same_dataset: bool = False
 
 
 def group_size_for(rows: Sequence[dict], train_group_size: int) -> int:
@@ -311,8 +315,8 @@ def _fmt(fmt: str, instruction: str | None, text: str) -> str:
 def build_groups(rows: Sequence[dict], batch: int, opts: GroupOptions):
     """(queries, passages, teacher_scores or None): each query followed by its group of one positive
     and ``group - 1`` sampled negatives. Sampling is seeded by (seed, batch, slot)."""
-    group = group_size_for(rows, opts.train_group_size)
-    kind = rows[0].get("type")
+    group = group_size_for(rows, opts.train_group_size) if opts.same_dataset else opts.train_group_size
+    kind = rows[0].get("type") if opts.same_dataset else None
     scored = [r.get("pos_scores") is not None for r in rows]
     distill = opts.knowledge_distillation and all(scored)
     if opts.knowledge_distillation and any(scored) and not all(scored):
@@ -321,12 +325,15 @@ def build_groups(rows: Sequence[dict], batch: int, opts: GroupOptions):
                                 "them (use --same_dataset_within_batch, or score every file)")
     queries, passages, scores = [], [], []
     for row in rows:
-        if row.get("type") != kind:
+        if opts.same_dataset and row.get("type") != kind:
             raise TrainingDataError(f"{row['file']}:{row['line']}: type {row.get('type')!r} differs from "
                                     f"{kind!r} in the same batch")
         rng = np.random.default_rng([opts.seed, batch, int(row["slot"])])
         instruction = row.get("prompt") or opts.query_instruction_for_retrieval
-        queries.append(_fmt(opts.query_instruction_format, instruction, row["query"]))
+        if opts.same_dataset or opts.query_instruction_for_retrieval is not None:
+            queries.append(_fmt(opts.query_instruction_format, instruction, row["query"]))
+        else:
+            queries.append(row["query"])
         pos_i = int(rng.integers(len(row["pos"])))
         negs = list(row.get("neg") or [])
         need = group - 1

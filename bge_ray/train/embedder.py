@@ -135,7 +135,7 @@ class EmbedderTask:
         d = self.data
         return GroupOptions(d.train_group_size, d.query_instruction_for_retrieval, d.query_instruction_format,
                             d.passage_instruction_for_retrieval, d.passage_instruction_format,
-                            d.knowledge_distillation, d.shuffle_ratio, self.train.seed)
+                            d.knowledge_distillation, d.shuffle_ratio, self.train.seed, d.same_dataset_within_batch)
 
     def validate(self) -> None:
         """Argument checks that must fail before any Ray work starts."""

@@ -16,36 +16,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .arguments import ModelArgs, TrainArgs
+from .arguments import GroupDataArgs, ModelArgs, TrainArgs
 from .data import GroupOptions, build_groups
 from .losses import LossOutput, kl_div_loss, mean_across_ranks
 
 
 @dataclass
-class RerankerDataArgs:
+class RerankerDataArgs(GroupDataArgs):
     """FlagEmbedding's reranker DataArgs."""
 
-    train_data: list[str] = field(default_factory=list, metadata={"help": "jsonl files or folders of them"})
-    train_group_size: int = 8
-    query_max_len: int = 32
-    passage_max_len: int = 128
+    query_instruction_for_rerank: str | None = None
+    passage_instruction_for_rerank: str | None = None
     max_len: int = field(default=512, metadata={"help": "accepted for FlagEmbedding compatibility; pairs are cut "
                                                         "to query_max_len + passage_max_len as it does"})
-    pad_to_multiple_of: int | None = None
-    max_example_num_per_dataset: int = 100_000_000
-    query_instruction_for_rerank: str | None = None
-    query_instruction_format: str = "{}{}"
-    passage_instruction_for_rerank: str | None = None
-    passage_instruction_format: str = "{}{}"
-    knowledge_distillation: bool = False
-    shuffle_ratio: float = 0.0
-    same_dataset_within_batch: bool = False
-    small_threshold: int = 0
-    drop_threshold: int = 0
-
-    def __post_init__(self):
-        self.query_instruction_format = self.query_instruction_format.replace("\\n", "\n")
-        self.passage_instruction_format = self.passage_instruction_format.replace("\\n", "\n")
 
 
 def group_loss(logits: torch.Tensor, group_size: int, teacher_scores: torch.Tensor | None = None) -> torch.Tensor:

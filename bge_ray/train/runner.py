@@ -34,6 +34,15 @@ class TrainResult:
     seconds: float
     examples: int
 
+    def summary_line(self, unit: str = "groups", per_group: int | None = None) -> str:
+        """The job's last line: steps, examples, time, final loss and throughput."""
+        m = self.metrics
+        rate = m.get("groups_per_s", 0.0)
+        pairs = f" = {rate * per_group:.1f} pairs/s" if per_group else ""
+        return (f"trained {self.optimizer_steps} steps on {self.examples} examples in {self.seconds:.1f} s "
+                f"(final loss {m.get('loss', float('nan')):.4f}, {rate:.2f} {unit}/s{pairs}); "
+                f"model: {self.output_dir}")
+
 
 def _progress_callback():
     """A driver-side Ray Train callback printing one line per reported step (rank 0's metrics)."""
