@@ -73,7 +73,9 @@ class TrainArgs:
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
-    logging_steps: int = 1
+    logging_steps: int = field(default=10, metadata={
+        "help": "report metrics to Ray Train every N steps (each report syncs the workers); every step's "
+                "metrics are kept in training_summary.json either way"})
     save_steps: int = 500
     save_total_limit: int | None = None
     seed: int = 42

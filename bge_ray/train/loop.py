@@ -91,6 +91,15 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _adamw(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel for the device (HF Trainer's default, adamw_torch_fused)."""
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    try:
+        return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), **kw)
+
+
 def _warmup(cfg: LoopConfig) -> int:
     return cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * cfg.optimizer_steps))
 
@@ -183,8 +192,7 @@ def train_loop_per_worker(config: dict) -> None:
             ddp = ray.train.torch.prepare_model(model)
         else:
             ddp = model.to(device)
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                      betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        optimizer = _adamw(model, cfg)
         scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=_warmup(cfg),
                                   num_training_steps=cfg.optimizer_steps)
         if opt_state is not None:
