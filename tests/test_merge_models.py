@@ -1,0 +1,85 @@
+"""LM-Cocktail merging: exact reproduction at (1, 0), parameter average at (0.5, 0.5), automatic
+weights from examples, and a clear error for different architectures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bge_ray.train import merge
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "finetune" / "embedder" / "retrieval"
+
+
+@pytest.fixture(scope="module")
+def two_berts(tmp_path_factory):
+    """Two checkpoints of one architecture (the tiny BERT, and the same with shifted weights)."""
+    from tests import tiny_models
+
+    root = tmp_path_factory.mktemp("merge")
+    a = tiny_models.build_bert(root / "a")
+    b = root / "b"
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(a, b)
+    state = load_file(str(b / "model.safetensors"))
+    gen = torch.Generator().manual_seed(1)
+    state = {k: (v + 0.1 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v) for k, v in state.items()}
+    save_file(state, str(b / "model.safetensors"), metadata={"format": "pt"})
+    return Path(a), b
+
+
+def test_weights_one_zero_reproduce_the_first_and_half_half_is_the_average(two_berts, tmp_path):
+    a, b = two_berts
+    wa, wb = merge.load_weights(str(a)), merge.load_weights(str(b))
+    first = merge.load_weights(merge.mix_models([str(a), str(b)], [1.0, 0.0], str(tmp_path / "first")))
+    assert all(torch.equal(first[k], wa[k]) for k in wa)
+    half = merge.load_weights(merge.mix_models([str(a), str(b)], [0.5, 0.5], str(tmp_path / "half")))
+    worst = max((half[k] - (wa[k] + wb[k]) / 2).abs().max().item() for k in wa if wa[k].is_floating_point())
+    assert worst < 1e-6
+    assert any(not torch.equal(half[k], wa[k]) for k in wa)
+    from bge_ray.models import FlagModel
+
+    emb = FlagModel(str(tmp_path / "half"), devices="cpu", use_fp16=False).encode(["a merged model"])
+    assert np.isfinite(emb).all()
+
+
+def test_mismatched_architectures_and_bad_weights_are_clear_errors(two_berts, tmp_path):
+    from tests import tiny_models
+
+    a, _ = two_berts
+    other = tiny_models.build_bert(tmp_path / "wide", hidden=48)
+    with pytest.raises(merge.MergeError, match="differ in"):
+        merge.mix_models([str(a), str(other)], [0.5, 0.5], str(tmp_path / "x"))
+    with pytest.raises(merge.MergeError, match="sum to 1"):
+        merge.mix_models([str(a), str(a)], [0.5, 0.6], str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_m3_heads_are_merged_too(tiny_m3, tmp_path):
+    out = merge.mix_models([str(tiny_m3), str(tiny_m3)], [0.3, 0.7], str(tmp_path / "m3"))
+    for head in merge.HEADS:
+        got = torch.load(Path(out) / head, weights_only=True)
+        want = torch.load(Path(tiny_m3) / head, weights_only=True)
+        assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    from bge_ray.models import BGEM3FlagModel
+
+    BGEM3FlagModel(out, devices="cpu", use_fp16=False).encode(["x"], return_sparse=True)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+def test_automatic_weights_sum_to_one_and_favour_the_lower_loss(two_berts, tmp_path):
+    a, b = two_berts
+    examples = [json.loads(x) for x in open(SHARED / "msmarco.jsonl")][:6]
+    out, weights, losses = merge.mix_models_with_data([str(a), str(b)], "embedder", examples, str(tmp_path / "auto"),
+                                                      temperature=1.0, max_length=64, neg_number=3)
+    assert sum(weights) == pytest.approx(1.0, abs=1e-9)
+    assert (weights[0] > weights[1]) == (losses[0] < losses[1])
+    assert weights == pytest.approx(merge.weights_from_losses(losses, 1.0))
+    assert Path(out, "model.safetensors").exists()
