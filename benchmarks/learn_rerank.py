@@ -20,7 +20,17 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.learn_retrieval import METRICS, PY, REPO, doc_text, ict_pairs, read_beir, run, write_jsonl  # noqa: E402
+from benchmarks.learn_retrieval import (  # noqa: E402
+    METRICS,
+    PY,
+    REPO,
+    doc_text,
+    ict_pairs,
+    read_beir,
+    run,
+    split_queries,
+    write_jsonl,
+)
 
 
 def main(argv=None):
@@ -44,21 +54,9 @@ def main(argv=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     docs, queries, qrels = read_beir(data)
-    judged = sorted(q for q, r in qrels.items() if any(s > 0 for s in r.values()))
     rng = random.Random(a.seed)
-    rng.shuffle(judged)
-    cut = len(judged) // 2
-    train_q, test_q = sorted(judged[:cut]), sorted(judged[cut:])
+    train_q, test_q, held = split_queries(docs, queries, qrels, work, data.name, rng)
     by_id = {d["_id"]: d for d in docs}
-    held = work / "heldout" / data.name
-    write_jsonl(held / "corpus.jsonl", docs)
-    write_jsonl(held / "queries.jsonl", [{"_id": q, "text": queries[q]} for q in test_q])
-    (held / "qrels").mkdir(parents=True, exist_ok=True)
-    with open(held / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for q in test_q:
-            for d, s in qrels[q].items():
-                f.write(f"{q}\t{d}\t{s}\n")
     groups = [{"query": queries[q], "pos": [doc_text(by_id[d]) for d, s in qrels[q].items() if s > 0 and d in by_id]}
               for q in train_q]
     if a.ict:

@@ -71,6 +71,27 @@ def ict_pairs(docs, rng: random.Random, min_words: int = 5):
     return out
 
 
+def split_queries(docs, queries, qrels, work: Path, name: str, rng: random.Random, train_fraction: float = 0.5,
+                  min_rel: int = 1):
+    """Judged queries split in two by a seeded shuffle (no query in both); the held-out half is
+    written as a BEIR folder with the whole corpus. Returns (train ids, held-out ids, folder)."""
+    judged = sorted(q for q, r in qrels.items() if any(s >= min_rel for s in r.values()))
+    rng.shuffle(judged)
+    cut = int(round(len(judged) * train_fraction))
+    train_q, test_q = sorted(judged[:cut]), sorted(judged[cut:])
+    assert not set(train_q) & set(test_q)
+    held = work / "heldout" / name
+    write_jsonl(held / "corpus.jsonl", docs)
+    write_jsonl(held / "queries.jsonl", [{"_id": q, "text": queries[q]} for q in test_q])
+    (held / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(held / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for q in test_q:
+            for d, s in qrels[q].items():
+                f.write(f"{q}\t{d}\t{s}\n")
+    return train_q, test_q, held
+
+
 def run(cmd, log: Path, env) -> float:
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -122,23 +143,9 @@ def main(argv=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     docs, queries, qrels = read_beir(data)
-    judged = sorted(q for q, r in qrels.items() if any(s >= a.min_rel for s in r.values()))
-    rng = random.Random(a.seed)
-    rng.shuffle(judged)
-    cut = int(round(len(judged) * a.train_fraction))
-    train_q, test_q = sorted(judged[:cut]), sorted(judged[cut:])
-    assert not set(train_q) & set(test_q)
+    rng = random.Random(a.seed)  # shuffles the split, then samples ICT sentences (as the recorded runs did)
+    train_q, test_q, held = split_queries(docs, queries, qrels, work, data.name, rng, a.train_fraction, a.min_rel)
     by_id = {d["_id"]: d for d in docs}
-
-    held = work / "heldout" / data.name
-    write_jsonl(held / "corpus.jsonl", docs)
-    write_jsonl(held / "queries.jsonl", [{"_id": q, "text": queries[q]} for q in test_q])
-    (held / "qrels").mkdir(parents=True, exist_ok=True)
-    with open(held / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for q in test_q:
-            for d, s in qrels[q].items():
-                f.write(f"{q}\t{d}\t{s}\n")
 
     groups = [{"query": queries[q], "pos": [doc_text(by_id[d]) for d, s in qrels[q].items() if s >= a.min_rel and d in by_id]}
               for q in train_q]

@@ -106,18 +106,27 @@ def load_backbone(model: ModelArgs, auto_class=None, **model_kwargs):
     return backbone, tokenizer
 
 
-def load_backbone_weights(backbone: torch.nn.Module, folder: str) -> None:
-    """Weights saved by ``save_pretrained`` back into ``backbone`` (resumption)."""
+def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
+    """Every ``*.safetensors`` file of a ``save_pretrained`` folder, as one state dict."""
     from safetensors.torch import load_file
 
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no .safetensors weights to resume from")
-    state = {}
+        raise FileNotFoundError(f"{folder}: no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(os.path.join(folder, f)))
+    return state
+
+
+def load_backbone_weights(backbone: torch.nn.Module, folder: str) -> None:
+    """Weights saved by ``save_pretrained`` back into ``backbone`` (resumption). Keys left out because
+    they are tied to saved ones (an MLM decoder and the word embeddings) do not count as missing."""
+    state = read_safetensors(folder)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("position_ids")]
+    params = dict(backbone.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    missing = [m for m in missing if not m.endswith("position_ids") and not (m in params and id(params[m]) in loaded)]
     if missing or unexpected:
         raise RuntimeError(f"{folder}: checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 

@@ -27,15 +27,12 @@ class MergeError(ValueError):
 
 
 def load_weights(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from .embedder import read_safetensors
 
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise MergeError(f"{folder}: no .safetensors weights (merge folders saved by save_pretrained)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(os.path.join(folder, f)))
-    return state
+    try:
+        return read_safetensors(folder)
+    except FileNotFoundError as exc:
+        raise MergeError(f"{exc} (merge folders saved by save_pretrained)") from None
 
 
 def merge_state_dicts(states: Sequence[dict], weights: Sequence[float], names: Sequence[str] | None = None) -> dict:

@@ -364,20 +364,10 @@ def _load_safetensors(path: str) -> dict:
 
 
 def load_lm_weights(lm: nn.Module, folder: str) -> None:
-    """``save_pretrained`` weights back into a ``*ForMaskedLM`` model; keys left out because they are
-    tied to saved ones (the MLM decoder and the word embeddings) are not missing."""
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no .safetensors weights to resume from")
-    state = {}
-    for f in files:
-        state.update(_load_safetensors(os.path.join(folder, f)))
-    missing, unexpected = lm.load_state_dict(state, strict=False)
-    params = dict(lm.named_parameters(remove_duplicate=False))
-    loaded = {id(params[k]) for k in state if k in params}
-    missing = [m for m in missing if not m.endswith("position_ids") and not (m in params and id(params[m]) in loaded)]
-    if missing or unexpected:
-        raise RuntimeError(f"{folder}: checkpoint does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    """``save_pretrained`` weights back into a ``*ForMaskedLM`` model."""
+    from .embedder import load_backbone_weights
+
+    load_backbone_weights(lm, folder)
 
 
 @dataclass
