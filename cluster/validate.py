@@ -15,6 +15,7 @@
 - `ray up` configs: Ray's own `prepare_config` + `validate_config` (ray/autoscaler/ray-schema.json),
   what `ray up` runs before it contacts the cloud; local file_mounts must exist.
 - cluster/runtime_env.yaml: Ray's RuntimeEnv, and its pip list equals pyproject's dependencies.
+- cluster/serve_config.yaml (for `serve deploy`): as a RayService's serveConfigV2.
 - One Ray version everywhere: rayVersion, the images' tags and the installed Ray.
 """
 
@@ -475,10 +476,14 @@ def file_errors(path: str) -> list[str]:
         elif isinstance(doc, dict) and "kind" in doc:
             errs = manifest_errors(doc)
             label = f"{doc.get('kind')} {doc.get('metadata', {}).get('name', '?') if isinstance(doc.get('metadata'), dict) else '?'}"
+        elif isinstance(doc, dict) and "applications" in doc:
+            errs, label = serve_config_errors(doc, "(serve config)"), "Serve config"
         elif isinstance(doc, dict) and "provider" in doc:
             errs, label = ray_up_errors(doc), f"ray up cluster {doc.get('cluster_name', '?')}"
         else:
-            errs, label = ["neither a Kubernetes object (no kind), a `ray up` config (no provider) nor runtime_env.yaml"], "?"
+            errs = ["not a Kubernetes object (no kind), a `ray up` config (no provider), a Serve config "
+                    "(no applications) nor runtime_env.yaml"]
+            label = "?"
         where = f"{rel} (document {i + 1}, {label})" if len(docs) > 1 else f"{rel} ({label})"
         out += [f"{where}: {e}" for e in errs]
     return out
