@@ -462,6 +462,7 @@ def config_files() -> list[str]:
 def file_errors(path: str) -> list[str]:
     """Every problem in one config file, each prefixed with the file and the object it is in."""
     rel = os.path.relpath(path, REPO)
+    rel = path if rel.startswith("..") else rel
     if os.path.basename(path) == "Dockerfile":
         return []
     with open(path) as f:
