@@ -1,0 +1,316 @@
+"""Model replicas: one embedder or reranker per replica, concurrent requests merged by ``@serve.batch``.
+
+The ingress has already validated every request, so a batch holds only work the model can do. One
+model call runs at a time per replica (``max_concurrent_batches=1``), on a dedicated thread so the
+replica's event loop keeps accepting requests (and filling the next batch) meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve import metrics
+
+from .config import EmbedderSettings, ReplicaSettings, RerankerSettings
+
+logger = logging.getLogger(__name__)
+
+DENSE, SPARSE, COLBERT = "dense", "sparse", "colbert"
+
+_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+_MS_BOUNDARIES = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+
+
+@dataclass
+class EmbedJob:
+    """One request's work: texts, query or document side, and the outputs wanted."""
+
+    texts: list[str]
+    query: bool = False
+    modes: tuple[str, ...] = (DENSE,)
+    return_tokens: bool = False
+
+
+@dataclass
+class BatchInfo:
+    """What the request shared its model call with (sent to clients as X-Batch-* headers)."""
+
+    requests: int
+    inputs: int
+
+
+@dataclass
+class EmbedResult:
+    dense: np.ndarray | None = None  # float32 [n, dim]
+    sparse: list[dict[str, float]] | None = None  # FlagEmbedding's lexical_weights: {str(token_id): weight}
+    tokens: list[list[str]] | None = None  # token texts of each sparse entry, when asked
+    colbert: list[np.ndarray] | None = None  # float32 [n_tokens - 1, dim] per text
+    prompt_tokens: int = 0
+    batch: BatchInfo = field(default_factory=lambda: BatchInfo(1, 0))
+
+
+@dataclass
+class RerankJob:
+    query: str
+    documents: list[str]
+
+
+@dataclass
+class RerankResult:
+    scores: np.ndarray  # raw logits, one per document
+    prompt_tokens: int
+    batch: BatchInfo
+
+
+def _device(num_gpus: float) -> str:
+    import torch
+
+    return "cuda:0" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+class _Replica:
+    """Model thread, torch threads, batch parameters and the metrics every model deployment shares."""
+
+    kind = ""
+
+    def __init__(self, settings: ReplicaSettings):
+        import torch
+
+        self.settings = settings
+        self.name = settings.served_name
+        # One thread runs the model: torch's thread count is per calling thread under OpenMP, so set it
+        # there as well as here (Ray caps OMP_NUM_THREADS at the actor's CPU request).
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bge_ray-model")
+        torch.set_num_threads(settings.threads)
+        self._pool.submit(torch.set_num_threads, settings.threads).result()
+        self.device = _device(settings.num_gpus)
+        started = time.perf_counter()
+        self.model = self._pool.submit(self._load).result()
+        logger.info("%s %s loaded on %s in %.1f s", self.kind, self.name, self.device, time.perf_counter() - started)
+        tags = ("model",)
+        self._m_requests = metrics.Counter("bge_ray_model_requests", "requests answered by the model", tags)
+        self._m_inputs = metrics.Counter("bge_ray_model_inputs", "texts (or pairs) run through the model", tags)
+        self._m_tokens = metrics.Counter("bge_ray_model_tokens", "tokens run through the model", tags)
+        self._m_batch = metrics.Histogram(
+            "bge_ray_batch_requests", "requests merged into one model call", _SIZE_BOUNDARIES, tags
+        )
+        self._m_batch_inputs = metrics.Histogram(
+            "bge_ray_batch_inputs", "texts (or pairs) in one model call", _SIZE_BOUNDARIES, tags
+        )
+        self._m_latency = metrics.Histogram("bge_ray_batch_ms", "model call time (ms)", _MS_BOUNDARIES, tags)
+        for m in (self._m_requests, self._m_inputs, self._m_tokens, self._m_batch, self._m_batch_inputs, self._m_latency):
+            m.set_default_tags({"model": self.name})
+        self.reconfigure({})
+
+    def _load(self):
+        raise NotImplementedError
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch parameters, changeable on a running deployment through ``user_config``."""
+        size = int(user_config.get("max_batch_size", self.settings.max_batch_size))
+        wait = float(user_config.get("batch_wait_timeout_s", self.settings.batch_wait_timeout_s))
+        self._batched.set_max_batch_size(size)
+        self._batched.set_batch_wait_timeout_s(wait)
+
+    async def _run(self, fn, jobs: list) -> list:
+        started = time.perf_counter()
+        results = await asyncio.get_running_loop().run_in_executor(self._pool, fn, jobs)
+        n_inputs = sum(len(_items(j)) for j in jobs)
+        self._m_latency.observe((time.perf_counter() - started) * 1000)
+        self._m_batch.observe(len(jobs))
+        self._m_batch_inputs.observe(n_inputs)
+        self._m_requests.inc(len(jobs))
+        self._m_inputs.inc(n_inputs)
+        self._m_tokens.inc(sum(r.prompt_tokens for r in results))
+        return results
+
+    def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError(f"{self.kind} {self.name} has no model loaded")
+
+
+def _items(job) -> list:
+    return job.texts if isinstance(job, EmbedJob) else job.documents
+
+
+@serve.deployment
+class EmbedderReplica(_Replica):
+    """An embedder (``FlagAutoModel``); BGE-M3 models also give lexical weights and ColBERT vectors."""
+
+    kind = "embedder"
+
+    def _load(self):
+        from bge_ray.models import BGEM3FlagModel, FlagAutoModel, registry
+
+        s: EmbedderSettings = self.settings  # type: ignore[assignment]
+        spec = registry.lookup(s.model, registry.EMBEDDER)
+        if spec is None and not s.model_class and os.path.isdir(s.model):
+            spec = registry.infer_from_checkpoint(s.model, registry.EMBEDDER)
+        kwargs: dict[str, Any] = dict(
+            model_class=s.model_class,
+            normalize_embeddings=s.normalize_embeddings,
+            use_fp16=s.use_fp16 and self.device != "cpu",
+            devices=self.device,
+            pooling_method=s.pooling_method,
+            batch_size=s.encode_batch_size,
+            # The registry's prompts are applied by the server, so clients need not know them.
+            query_instruction_for_retrieval=s.query_instruction
+            if s.query_instruction is not None
+            else (spec.query_instruction_for_retrieval if spec else None),
+            query_instruction_format=s.query_instruction_format
+            or (spec.query_instruction_format if spec else None),
+        )
+        passage = s.passage_instruction if s.passage_instruction is not None else (
+            spec.passage_instruction_for_retrieval if spec else None
+        )
+        if passage is not None:
+            kwargs["passage_instruction_for_retrieval"] = passage
+        if s.max_length:
+            kwargs["passage_max_length"] = s.max_length
+        if s.query_max_length or s.max_length:
+            kwargs["query_max_length"] = s.query_max_length or s.max_length
+        model = FlagAutoModel.from_finetuned(s.model, **kwargs)
+        self.is_m3 = isinstance(model, BGEM3FlagModel)
+        return model
+
+    def info(self) -> dict[str, Any]:
+        """What the ingress needs to validate requests for this model."""
+        modes = [DENSE, SPARSE, COLBERT] if self.is_m3 else [DENSE]
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "class": type(self.model).__name__,
+            "capabilities": modes,
+            "dimensions": int(self.model.dim),
+            "matryoshka": bool(self.settings.matryoshka),
+            "query_instruction": self.model.query_instruction_for_retrieval,
+        }
+
+    async def embed(self, job: EmbedJob) -> EmbedResult:
+        return await self._batched(job)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batched(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
+        return await self._run(self._embed_batch, jobs)
+
+    def _embed_batch(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
+        """Run the batch as one model call per side (queries / documents), outputs split per job."""
+        results: list[EmbedResult | None] = [None] * len(jobs)
+        info = BatchInfo(len(jobs), sum(len(j.texts) for j in jobs))
+        for query in (False, True):
+            group = [i for i, j in enumerate(jobs) if j.query == query]
+            if not group:
+                continue
+            texts = [t for i in group for t in jobs[i].texts]
+            modes = {m for i in group for m in jobs[i].modes}
+            out = self._encode(texts, query, modes)
+            counts = self._token_counts(texts)
+            start = 0
+            for i in group:
+                job = jobs[i]
+                stop = start + len(job.texts)
+                part = EmbedResult(prompt_tokens=int(counts[start:stop].sum()), batch=info)
+                if DENSE in job.modes:
+                    part.dense = out[DENSE][start:stop]
+                if SPARSE in job.modes:
+                    part.sparse = out[SPARSE][start:stop]
+                    if job.return_tokens:
+                        part.tokens = [self._token_texts(w) for w in part.sparse]
+                if COLBERT in job.modes:
+                    part.colbert = out[COLBERT][start:stop]
+                results[i] = part
+                start = stop
+        return results  # type: ignore[return-value]
+
+    def _encode(self, texts: list[str], query: bool, modes: set[str]) -> dict[str, Any]:
+        self.model.last_token_counts = None
+        encode = self.model.encode_queries if query else self.model.encode_corpus
+        if not self.is_m3:
+            return {DENSE: np.asarray(encode(texts, convert_to_numpy=True), dtype=np.float32)}
+        out = encode(
+            texts,
+            return_dense=DENSE in modes,
+            return_sparse=SPARSE in modes,
+            return_colbert_vecs=COLBERT in modes,
+        )
+        return {
+            DENSE: None if out["dense_vecs"] is None else np.asarray(out["dense_vecs"], dtype=np.float32),
+            SPARSE: out["lexical_weights"],
+            COLBERT: out["colbert_vecs"],
+        }
+
+    def _token_counts(self, texts: list[str]) -> np.ndarray:
+        counts = getattr(self.model, "last_token_counts", None)
+        if counts is not None and len(counts) == len(texts):
+            return np.asarray(counts)
+        # Classes that do not record counts: count with the tokenizer (instructions not included).
+        ids = self.model.tokenizer(texts, truncation=True, max_length=self.model.passage_max_length)["input_ids"]
+        return np.array([len(x) for x in ids])
+
+    def _token_texts(self, weights: dict[str, float]) -> list[str]:
+        return self.model.tokenizer.convert_ids_to_tokens([int(k) for k in weights])
+
+
+@serve.deployment
+class RerankerReplica(_Replica):
+    """A reranker (``FlagAutoReranker``): raw scores per (query, document) pair."""
+
+    kind = "reranker"
+
+    def _load(self):
+        from bge_ray.models import FlagAutoReranker
+
+        s: RerankerSettings = self.settings  # type: ignore[assignment]
+        kwargs: dict[str, Any] = dict(
+            model_class=s.model_class,
+            use_fp16=s.use_fp16 and self.device != "cpu",
+            devices=self.device,
+            batch_size=s.encode_batch_size,
+        )
+        if s.max_length:
+            kwargs["max_length"] = s.max_length
+        if s.query_max_length:
+            kwargs["query_max_length"] = s.query_max_length
+        return FlagAutoReranker.from_finetuned(s.model, **kwargs)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "class": type(self.model).__name__,
+            "capabilities": ["rerank"],
+            "dimensions": None,
+            "matryoshka": False,
+        }
+
+    async def rerank(self, job: RerankJob) -> RerankResult:
+        return await self._batched(job)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batched(self, jobs: list[RerankJob]) -> list[RerankResult]:
+        return await self._run(self._rerank_batch, jobs)
+
+    def _rerank_batch(self, jobs: list[RerankJob]) -> list[RerankResult]:
+        pairs = [(j.query, d) for j in jobs for d in j.documents]
+        self.model.last_token_counts = None
+        scores = np.asarray(self.model.compute_score(pairs, normalize=False), dtype=np.float64)
+        counts = getattr(self.model, "last_token_counts", None)
+        if counts is None or len(counts) != len(pairs):
+            # Rerankers that do not record counts: query plus document tokens.
+            tok = self.model.tokenizer
+            counts = np.array([len(tok(q)["input_ids"]) + len(tok(d)["input_ids"]) for q, d in pairs])
+        info = BatchInfo(len(jobs), len(pairs))
+        out, start = [], 0
+        for job in jobs:
+            stop = start + len(job.documents)
+            out.append(RerankResult(scores[start:stop], int(np.sum(counts[start:stop])), info))
+            start = stop
+        return out

@@ -1,0 +1,304 @@
+"""The HTTP front: OpenAI / Cohere-compatible routes over the model deployments.
+
+Bodies are read and validated here, in this order: bearer token, JSON syntax, schema, limits, model
+name, model capabilities; only valid work reaches a model replica, so one bad request never fails a
+batch it would have shared. Every error answers in OpenAI's shape.
+"""
+
+# No ``from __future__ import annotations`` here: Serve ships the route methods to the replica by value,
+# with only the globals their bodies use, so FastAPI could not resolve string annotations such as
+# "Request" there and would take ``request`` for a required query parameter.
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve import metrics
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import schemas
+from .config import Limits, api_key_from_env
+from .deployments import COLBERT, DENSE, SPARSE, EmbedJob, EmbedResult, RerankJob
+from .limits import ApiError, check_bearer, check_text, check_texts
+
+logger = logging.getLogger(__name__)
+
+api = FastAPI(
+    title="bge_ray",
+    description="BGE / FlagEmbedding embedders and rerankers on Ray Serve (OpenAI and Cohere compatible).",
+)
+
+
+def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(model.model_dump_json(exclude_none=True), status, headers, media_type="application/json")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return Response(exc.body(), exc.status, media_type="application/json")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=str(exc.status_code))
+    return Response(err.body(), exc.status_code, getattr(exc, "headers", None), media_type="application/json")
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return await _api_error(request, _schema_error(exc.errors()))
+
+
+def _schema_error(errors: list[dict[str, Any]]) -> ApiError:
+    first = errors[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body",))
+    # Union members add their type name to the location (input.str, input.list[str]): drop them.
+    param = loc.split(".")[0] if loc else None
+    msg = first.get("msg", "invalid value")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    text = msg if param and msg.startswith(param) else f"{param}: {msg}" if param else msg
+    return ApiError(400, text + more, param=param, code="invalid_value")
+
+
+async def _parse(request: Request, schema: type[BaseModel]) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON in the request body: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(
+            400, f"the request body is a JSON {type(data).__name__}; expected a JSON object", code="invalid_json"
+        )
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise _schema_error(exc.errors()) from None
+
+
+def _batch_headers(batch) -> dict[str, str]:
+    return {"X-Batch-Requests": str(batch.requests), "X-Batch-Inputs": str(batch.inputs)}
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class Ingress:
+    """Routes requests to the model deployments by the request's ``model`` (first of its kind if absent)."""
+
+    def __init__(
+        self,
+        embedders: dict[str, Any],
+        rerankers: dict[str, Any],
+        aliases: dict[str, dict[str, str]],
+        limits: Limits,
+        api_key_env: str,
+    ):
+        self.handles = {"embedder": embedders, "reranker": rerankers}
+        self.aliases = aliases  # kind -> {alias: served name}
+        self.limits = limits
+        self.api_key_env = api_key_env
+        self.api_key = api_key_from_env(api_key_env)
+        self._info: dict[tuple[str, str], dict[str, Any]] = {}
+        self._created = int(time.time())
+        self._m_requests = metrics.Counter(
+            "bge_ray_http_requests", "HTTP requests by route and status", ("route", "status")
+        )
+        if self.api_key:
+            logger.info("bearer-token auth on (key from $%s)", api_key_env)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        check_bearer(request.headers.get("authorization"), self.api_key)
+
+    def _resolve(self, kind: str, requested: str | None) -> str:
+        names = list(self.handles[kind])
+        if not names:
+            raise ApiError(
+                404, f"this server has no {kind} loaded", param="model", code="model_not_found"
+            )
+        if not requested:
+            return names[0]
+        name = self.aliases[kind].get(requested)
+        if name is None:
+            raise ApiError(
+                404,
+                f"model {requested!r} is not served as an {kind} here; served {kind}s: {', '.join(names)}",
+                param="model",
+                code="model_not_found",
+            )
+        return name
+
+    async def _model_info(self, kind: str, name: str) -> dict[str, Any]:
+        key = (kind, name)
+        if key not in self._info:
+            self._info[key] = await self.handles[kind][name].info.remote()
+        return self._info[key]
+
+    def _count(self, route: str, status: int) -> None:
+        self._m_requests.inc(tags={"route": route, "status": str(status)})
+
+    async def _guard(self, route: str, request: Request, handler) -> Response:
+        """Auth then ``handler``; counts the outcome. Ray errors become a 500 in OpenAI's shape."""
+        try:
+            self._auth(request)
+            response = await handler()
+        except ApiError as exc:
+            self._count(route, exc.status)
+            return Response(exc.body(), exc.status, media_type="application/json")
+        except Exception as exc:  # noqa: BLE001 - the client gets an error body, the log the trace
+            logger.exception("%s failed", route)
+            self._count(route, 500)
+            err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}"[:2000], type="server_error")
+            return Response(err.body(), 500, media_type="application/json")
+        self._count(route, response.status_code)
+        return response
+
+    async def _embed(self, request: Request, schema: type[schemas.EmbeddingRequest], mode: str):
+        req = await _parse(request, schema)
+        texts = req.texts
+        check_texts(texts, self.limits, "input")
+        name = self._resolve("embedder", req.model)
+        info = await self._model_info("embedder", name)
+        if mode not in info["capabilities"]:
+            names = list(self.handles["embedder"])
+            infos = await asyncio.gather(*(self._model_info("embedder", n) for n in names))
+            m3 = [n for n, i in zip(names, infos, strict=True) if mode in i["capabilities"]]
+            hint = f"; served models with it: {', '.join(m3)}" if m3 else ""
+            raise ApiError(
+                400,
+                f"model {name!r} ({info['class']}) has no {mode} output: /v1/embeddings/{mode} needs a BGE-M3 "
+                f"model (BGEM3FlagModel){hint}",
+                param="model",
+                code="unsupported_output",
+            )
+        dims = req.dimensions
+        if dims is not None:
+            if mode != DENSE:
+                raise ApiError(400, f"dimensions applies to dense embeddings only, not {mode}", param="dimensions")
+            full = info["dimensions"]
+            if dims > full:
+                raise ApiError(
+                    400, f"dimensions={dims} is more than model {name!r} gives ({full})", param="dimensions"
+                )
+            if dims != full and not info["matryoshka"]:
+                raise ApiError(
+                    400,
+                    f"model {name!r} was not trained for shortened embeddings (Matryoshka), so dimensions must be "
+                    f"{full} or absent; a server operator can allow it with `matryoshka: true` for the model",
+                    param="dimensions",
+                    code="dimensions_not_supported",
+                )
+        job = EmbedJob(texts, req.is_query, (mode,), getattr(req, "return_tokens", False))
+        result: EmbedResult = await self.handles["embedder"][name].embed.remote(job)
+        usage = schemas.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+        headers = _batch_headers(result.batch)
+        fmt = req.encoding_format
+        if mode == DENSE:
+            vecs = result.dense
+            if dims is not None and dims != vecs.shape[1]:
+                vecs = vecs[:, :dims]
+                norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+                vecs = vecs / np.maximum(norms, 1e-12)
+            data = [schemas.EmbeddingData(index=i, embedding=schemas.encode_floats(v, fmt)) for i, v in enumerate(vecs)]
+            return _json(schemas.EmbeddingResponse(data=data, model=name, usage=usage), headers=headers)
+        if mode == SPARSE:
+            data = [
+                schemas.SparseData(
+                    index=i,
+                    indices=[int(k) for k in weights],
+                    values=list(weights.values()),
+                    tokens=result.tokens[i] if result.tokens else None,
+                )
+                for i, weights in enumerate(result.sparse)
+            ]
+            return _json(schemas.SparseResponse(data=data, model=name, usage=usage), headers=headers)
+        data = [
+            schemas.ColbertData(index=i, shape=m.shape, embedding=schemas.encode_floats(m, fmt))
+            for i, m in enumerate(result.colbert)
+        ]
+        return _json(schemas.ColbertResponse(data=data, model=name, usage=usage), headers=headers)
+
+    async def _rerank(self, request: Request) -> Response:
+        req = await _parse(request, schemas.RerankRequest)
+        docs = req.texts
+        check_text(req.query, self.limits, "query")
+        check_texts(docs, self.limits, "documents")
+        name = self._resolve("reranker", req.model)
+        result = await self.handles["reranker"][name].rerank.remote(RerankJob(req.query, docs))
+        scores = 1.0 / (1.0 + np.exp(-result.scores)) if req.normalize else result.scores
+        # Stable sort on the negated score: ties keep the documents' order.
+        order = np.argsort(-scores, kind="stable")[: req.top_n or len(docs)]
+        results = [
+            schemas.RerankResult(
+                index=int(i),
+                relevance_score=float(scores[i]),
+                document=schemas.RerankDocument(text=docs[i]) if req.return_documents else None,
+            )
+            for i in order
+        ]
+        usage = schemas.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+        body = schemas.RerankResponse(id=str(uuid.uuid4()), model=name, results=results, usage=usage)
+        return _json(body, headers=_batch_headers(result.batch))
+
+    async def _models(self) -> Response:
+        cards = []
+        for kind, handles in self.handles.items():
+            infos = await asyncio.gather(*(self._model_info(kind, n) for n in handles))
+            for name, info in zip(handles, infos, strict=True):
+                aliases = sorted(a for a, n in self.aliases[kind].items() if n == name and a != name)
+                cards.append(
+                    schemas.ModelCard(
+                        id=name,
+                        created=self._created,
+                        kind=kind,
+                        capabilities=info["capabilities"],
+                        dimensions=info["dimensions"],
+                        aliases=aliases,
+                    )
+                )
+        return _json(schemas.ModelList(data=cards))
+
+    # -- routes -------------------------------------------------------------------------------
+    @api.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        """OpenAI embeddings; ``input_type: "query"`` applies the model's query instruction."""
+        return await self._guard("/v1/embeddings", request, lambda: self._embed(request, schemas.EmbeddingRequest, DENSE))
+
+    @api.post("/v1/embeddings/sparse")
+    async def embeddings_sparse(self, request: Request) -> Response:
+        """BGE-M3 lexical weights: ``indices`` (token ids) and ``values`` per input."""
+        return await self._guard(
+            "/v1/embeddings/sparse", request, lambda: self._embed(request, schemas.SparseEmbeddingRequest, SPARSE)
+        )
+
+    @api.post("/v1/embeddings/colbert")
+    async def embeddings_colbert(self, request: Request) -> Response:
+        """BGE-M3 ColBERT vectors: one [tokens, dim] matrix per input."""
+        return await self._guard(
+            "/v1/embeddings/colbert", request, lambda: self._embed(request, schemas.ColbertEmbeddingRequest, COLBERT)
+        )
+
+    @api.post("/v1/rerank")
+    async def rerank(self, request: Request) -> Response:
+        """Cohere / Jina rerank: documents sorted by relevance_score, ``index`` into the input list."""
+        return await self._guard("/v1/rerank", request, lambda: self._rerank(request))
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        return await self._guard("/v1/models", request, self._models)
+
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        """Liveness of the ingress (no auth: load balancers probe it)."""
+        return {"status": "ok", "models": {k: list(v) for k, v in self.handles.items()}}
