@@ -61,3 +61,25 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """Serve's application builder (``import_path: bge_ray.serve.app:build_app``); ``args`` as in
     :class:`~bge_ray.serve.config.AppSettings`, plus the shorthand ``model`` / ``reranker``."""
     return build(AppSettings.from_args(args))
+
+
+def start(
+    settings: AppSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    name: str = "bge_ray",
+    route_prefix: str = "/",
+) -> str:
+    """Start (or join) Ray and Serve, deploy ``settings`` and wait until it answers; returns the URL.
+
+    On a cluster where Serve already runs, its HTTP host and port stay as they are.
+    """
+    from bge_ray.batch.runtime import init_ray
+
+    init_ray(address)
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build(settings), name=name, route_prefix=route_prefix)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
