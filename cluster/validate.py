@@ -459,12 +459,29 @@ def config_files() -> list[str]:
     return out
 
 
+def dockerfile_errors(path: str) -> list[str]:
+    """COPY sources exist in the build context (the repo root) and RUN names scripts that were copied."""
+    with open(path) as f:
+        text = re.sub(r"\\\n", " ", f.read())
+    errors = []
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split()
+        if words[:1] == ["COPY"]:
+            sources = [w for w in words[1:-1] if not w.startswith("--")]
+            errors += [f"line {n}: COPY source {src!r} is not in the build context (repo root)"
+                       for src in sources if not os.path.exists(os.path.join(REPO, src))]
+        elif words[:1] == ["RUN"]:
+            errors += [f"line {n}: RUN uses {sh}, which is not in the repository"
+                       for sh in re.findall(r"\b(cluster/[\w./-]+\.sh)\b", line) if not os.path.isfile(os.path.join(REPO, sh))]
+    return errors
+
+
 def file_errors(path: str) -> list[str]:
     """Every problem in one config file, each prefixed with the file and the object it is in."""
     rel = os.path.relpath(path, REPO)
     rel = path if rel.startswith("..") else rel
     if os.path.basename(path) == "Dockerfile":
-        return []
+        return [f"{rel}: {e}" for e in dockerfile_errors(path)]
     with open(path) as f:
         try:
             docs = [d for d in yaml.safe_load_all(f) if d is not None]

@@ -283,6 +283,19 @@ def test_cli_reports_file_and_object(tmp_path, capsys):
     assert f"{bad} (RayCluster bge-ray): spec.workerGroupSpecs[0]: replicas -1 outside [minReplicas 0, maxReplicas 8]" in err
 
 
+def test_dockerfile_copies_what_exists_and_install_script_parses(tmp_path):
+    import subprocess
+
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM rayproject/ray:2.60.0-py311-gpu\nCOPY bge_ray_src ./bge_ray\nRUN bash cluster/docker/setup.sh\n")
+    errors = V.dockerfile_errors(str(bad))
+    assert "line 2: COPY source 'bge_ray_src' is not in the build context (repo root)" in errors
+    assert "line 3: RUN uses cluster/docker/setup.sh, which is not in the repository" in errors
+    script = CLUSTER / "docker" / "install_bge_ray.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "install_bge_ray.sh" in (CLUSTER / "docker" / "Dockerfile").read_text()
+
+
 # --------------------------------------------------------------------------- README
 
 
@@ -312,3 +325,59 @@ def test_readme_section_names_existing_files_and_valid_job_commands():
     assert len(jobs) >= 5
     for command in jobs:
         assert V.job_command_errors(command, "README") == [], command
+
+
+# --------------------------------------------------------------------------- the laptop path, live
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_laptop_submit_with_runtime_env_and_token_auth(tmp_path):
+    """README's laptop commands: a token-auth head from the `ray` CLI, then `ray job submit
+    --working-dir . --runtime-env cluster/runtime_env.yaml -- python jobs/embed_corpus.py ...`
+    (Ray builds the pip virtualenv over this one: every requirement already met, nothing fetched).
+    The head is started and stopped as in test_ray_job_submit.py (never `ray stop`)."""
+    import json
+    import os
+    import secrets
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    from tests.test_ray_job_submit import RAY_CLI, _free_port, _ray_env, _stop_head
+
+    temp_dir = os.path.realpath(tempfile.mkdtemp(prefix="bgecl_", dir="/tmp"))
+    dash = _free_port()
+    env = _ray_env()
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    cmd = [RAY_CLI, "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"]
+    url = f"http://127.0.0.1:{dash}"
+    log = tmp_path / "ray_start.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=temp_dir, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([RAY_CLI, "job", "list", "--address", url], env=env, capture_output=True).returncode:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(2)
+        no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+        refused = subprocess.run([RAY_CLI, "job", "list", "--address", url], env=no_token, capture_output=True, text=True)
+        assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
+
+        out = tmp_path / "sample_corpus"
+        submit = [RAY_CLI, "job", "submit", "--address", url, "--working-dir", ".",
+                  "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "jobs/embed_corpus.py",
+                  "--input", "bge_ray/data/sample_corpus.jsonl", "--output", str(out), "--num-actors", "1"]
+        r = subprocess.run(submit, env=env, cwd=REPO, capture_output=True, text=True, timeout=480)
+        assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-2000:]}"
+        assert "embedded 60 rows" in r.stdout
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["rows"] == manifest["unique_ids"] == 60
+    finally:
+        left = _stop_head(proc, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"processes of the test's Ray head still alive after teardown: {left}"
