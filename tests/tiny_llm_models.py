@@ -160,8 +160,9 @@ MINICPM_CONFIG = {
 }
 
 
-def build_minicpm_layerwise(out: Path, tokenizer_dir: Path, **overrides) -> Path:
-    """bge-reranker-v2-minicpm-layerwise layout (Llama-style weight names, per-layer score heads)."""
+def build_minicpm_layerwise(out: Path, tokenizer_dir: Path, raw: bool = False, **overrides) -> Path:
+    """bge-reranker-v2-minicpm-layerwise layout (Llama-style weight names, per-layer score heads);
+    ``raw`` gives the MiniCPM causal LM it is trained from instead (one vocabulary head)."""
     torch.manual_seed(13)
     cfg = {**MINICPM_CONFIG, "vocab_size": vocab_size(tokenizer_dir), **overrides}
     h, inter, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
@@ -181,7 +182,12 @@ def build_minicpm_layerwise(out: Path, tokenizer_dir: Path, **overrides) -> Path
             p + "input_layernorm.weight": _norm_weight(h),
             p + "post_attention_layernorm.weight": _norm_weight(h),
         }
-    if cfg["head_multi"]:
+    if raw:  # MiniCPM-2B's causal LM: a vocabulary head, no layerwise settings
+        for key in ("start_layer", "head_multi", "head_type"):
+            cfg.pop(key)
+        cfg |= {"architectures": ["MiniCPMForCausalLM"], "auto_map": {}}
+        state["lm_head.weight"] = _normal(cfg["vocab_size"], h)
+    elif cfg["head_multi"]:
         for j in range(n_layers - cfg["start_layer"] + 1):
             state[f"lm_head.{j}.linear_head.weight"] = _normal(1, h)
     else:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import LlamaConfig
 from transformers.masking_utils import create_causal_mask
@@ -142,11 +143,18 @@ class LayerwiseMiniCPM(LlamaPreTrainedModel):
             if idx == top:
                 break  # layers above the highest cutoff are never run
             block = base.layers[idx]
-            attn, _ = block.self_attn(
-                hidden_states=block.input_layernorm(hidden), position_embeddings=rope, attention_mask=mask
-            )
-            hidden = hidden + attn * branch
-            hidden = hidden + block.mlp(block.post_attention_layernorm(hidden)) * branch
+
+            def run(h, block=block):
+                attn, _ = block.self_attn(
+                    hidden_states=block.input_layernorm(h), position_embeddings=rope, attention_mask=mask
+                )
+                h = h + attn * branch
+                return h + block.mlp(block.post_attention_layernorm(h)) * branch
+
+            if self.training and getattr(block, "gradient_checkpointing", False):
+                hidden = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False)
+            else:
+                hidden = run(hidden)
         return torch.cat([self.head(k)(base.norm(picked[k])) for k in layers], dim=-1)
 
 

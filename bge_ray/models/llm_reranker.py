@@ -76,6 +76,16 @@ def wants_bos(tokenizer) -> bool:
     return bos is not None and bos != tokenizer.pad_token_id
 
 
+def trim_second(first: list[int], second: list[int], budget: int, cut_left: bool = False) -> list[int]:
+    """``second`` cut so that ``first + second`` fits ``budget`` tokens. Only the passage side is
+    trimmed; when even all of it would not suffice the pair is left whole, as transformers'
+    "only_second" truncation does (the training and inference prompts both follow it)."""
+    excess = len(first) + len(second) - budget
+    if 0 < excess < len(second):
+        return second[excess:] if cut_left else second[:-excess]
+    return second
+
+
 def build_prompt_inputs(
     tokenizer,
     pairs: Sequence[tuple[str, str]],
@@ -117,12 +127,8 @@ def build_prompt_inputs(
     if with_segments:
         columns["segment_ids"] = []
     for q, p in zip(queries, passages, strict=True):
-        first, second = head + q, sep + p
-        excess = len(first) + len(second) - budget
-        # Only the passage side is trimmed; when even all of it would not suffice the pair is left
-        # whole, as transformers' "only_second" truncation does.
-        if 0 < excess < len(second):
-            second = second[excess:] if cut_left else second[:-excess]
+        first = head + q
+        second = trim_second(first, sep + p, budget, cut_left)
         ids = first + second + tail
         columns["input_ids"].append(ids)
         if with_segments:

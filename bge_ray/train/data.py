@@ -286,6 +286,10 @@ class GroupOptions:
     # tasks) and always apply the instruction format; mixed batches ignore ``type`` and format
     # queries only when a query instruction is set (a line's ``prompt`` then replaces it).
     same_dataset: bool = False
+    # The example fields that replace the query / passage instruction: embedders read ``prompt``,
+    # rerankers ``query_prompt`` / ``passage_prompt`` (their ``prompt`` is the LLM reranker's question).
+    query_prompt_field: str = "prompt"
+    passage_prompt_field: str | None = None
 
 
 def group_size_for(rows: Sequence[dict], train_group_size: int) -> int:
@@ -329,7 +333,7 @@ def build_groups(rows: Sequence[dict], batch: int, opts: GroupOptions):
             raise TrainingDataError(f"{row['file']}:{row['line']}: type {row.get('type')!r} differs from "
                                     f"{kind!r} in the same batch")
         rng = np.random.default_rng([opts.seed, batch, int(row["slot"])])
-        instruction = row.get("prompt") or opts.query_instruction_for_retrieval
+        instruction = row.get(opts.query_prompt_field) or opts.query_instruction_for_retrieval
         if opts.same_dataset or opts.query_instruction_for_retrieval is not None:
             queries.append(_fmt(opts.query_instruction_format, instruction, row["query"]))
         else:
@@ -348,8 +352,9 @@ def build_groups(rows: Sequence[dict], batch: int, opts: GroupOptions):
         if kind in SYMMETRIC_TYPES:
             group_texts = [_fmt(opts.query_instruction_format, instruction, p) for p in group_texts]
         elif opts.passage_instruction_for_retrieval is not None:
-            group_texts = [_fmt(opts.passage_instruction_format, opts.passage_instruction_for_retrieval, p)
-                           for p in group_texts]
+            p_instruction = (row.get(opts.passage_prompt_field) if opts.passage_prompt_field else None) \
+                or opts.passage_instruction_for_retrieval
+            group_texts = [_fmt(opts.passage_instruction_format, p_instruction, p) for p in group_texts]
         passages.extend(group_texts)
         if distill:
             scores.append([float(row["pos_scores"][pos_i])] + [float(row["neg_scores"][i]) for i in neg_i])

@@ -29,44 +29,34 @@ import torch
 
 from .data import SYMMETRIC_TYPES, build_groups
 from .embedder import BiEncoder, EmbedderTask, freeze_unused, load_backbone_weights, tokenize_texts
+from .lora import (
+    MERGED_DIR,
+    LoraArgs,
+    load_adapter,
+    load_llm_tokenizer,
+    merge_raw_adapters,
+    merged_state_dict,  # noqa: F401  (re-exported for callers of this module)
+    save_merged,
+    save_tokenizer,
+    wrap_lora,
+)
 from .losses import ContrastiveLoss, LossOutput
 
 logger = logging.getLogger(__name__)
 
 #: FlagEmbedding's query format for decoder-only embedders (its example scripts and bge-en-icl).
 LLM_QUERY_INSTRUCTION_FORMAT = "<instruct>{}\n<query>{}"
-#: Where ``save_merged_lora_model`` writes the merged model inside a saved folder (FlagEmbedding's name).
-MERGED_DIR = "merged_model"
 #: The resized input embeddings when ``additional_special_tokens`` added tokens.
 EMBEDDING_FILE = os.path.join("embedding", "embed_tokens.safetensors")
 #: FlagEmbedding's ICL dataset keeps the few-shot prefix within ``query_max_len - 512`` tokens.
 ICL_PREFIX_RESERVE = 512
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def default_target_modules() -> list[str]:
-    return ["v_proj", "q_proj", "k_proj", "gate_proj", "down_proj", "o_proj", "up_proj"]
 
 
 @dataclass
-class LLMArgs:
+class LLMArgs(LoraArgs):
     """FlagEmbedding's DecoderOnlyEmbedder(ICL)ModelArguments and ICL data arguments, plus ``icl``."""
 
-    peft_model_path: str = field(default="", metadata={"help": "a LoRA adapter to start from (trained further)"})
-    from_peft: str | None = field(default=None, metadata={"help": "same as --peft_model_path (FlagEmbedding's "
-                                                                   "name in its model loader)"})
-    raw_peft: str | None = field(default=None, metadata={"help": "a LoRA adapter merged into the base before "
-                                                                 "training"})
-    use_lora: bool = True
-    lora_rank: int = 64
-    lora_alpha: float = 16
-    lora_dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=default_target_modules)
-    modules_to_save: list[str] | None = None
-    use_flash_attn: bool = False
     additional_special_tokens: list[str] | None = None
-    save_merged_lora_model: bool = field(default=False, metadata={"help": f"also write the merged model to "
-                                                                          f"{MERGED_DIR}/ in every save"})
     only_merge_lora_model: bool = field(default=False, metadata={"help": "do not train: merge the adapter in "
                                                                          f"OUTPUT_DIR into OUTPUT_DIR/{MERGED_DIR}"})
     icl: bool = field(default=False, metadata={"help": "in-context-learning embedder (FlagEmbedding's "
@@ -78,85 +68,6 @@ class LLMArgs:
 
     def __post_init__(self):
         self.icl_suffix_str = self.icl_suffix_str.replace("\\n", "\n")
-
-    @property
-    def start_adapter(self) -> str | None:
-        return self.peft_model_path or self.from_peft or None
-
-
-def load_llm_tokenizer(path: str, trust_remote_code: bool = False, additional_special_tokens=None):
-    """FlagEmbedding's decoder tokenizer: EOS appended, left padding, UNK (else EOS) as padding."""
-    from bge_ray.models.loading import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, add_eos_token=True)
-    except (TypeError, ValueError) as exc:  # a tokenizer class without the option
-        logger.warning("%s: tokenizer does not take add_eos_token (%s); using it as saved", path, exc)
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    tokenizer.init_kwargs["padding_side"] = "left"  # saved with the tokenizer: inference pads as training did
-    if additional_special_tokens:
-        added = tokenizer.add_special_tokens({"additional_special_tokens": list(additional_special_tokens)})
-        if added:
-            logger.info("added %d special tokens: %s", added, additional_special_tokens)
-        else:
-            logger.warning("special tokens %s are already in the tokenizer", additional_special_tokens)
-    return tokenizer
-
-
-def _is_lora_key(key: str) -> bool:
-    return any(part.startswith("lora_") for part in key.split("."))
-
-
-@torch.no_grad()
-def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
-    """The base model's state with every LoRA delta folded in, under the base model's own key names,
-    on CPU; the trained module is left untouched (``merge_and_unload`` without the copy)."""
-    from peft.tuners.lora import LoraLayer
-
-    base = peft_model.get_base_model()
-    adapter = peft_model.active_adapter
-    deltas = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.active_adapters:
-            if adapter in module.lora_A or adapter in module.lora_embedding_A:
-                deltas[name] = module.get_delta_weight(adapter)
-    out: dict[str, torch.Tensor] = {}
-    trained_copy = f".modules_to_save.{adapter}."
-    for key, value in base.state_dict().items():
-        if _is_lora_key(key) or ".original_module." in key:
-            continue
-        if trained_copy in key:
-            key = key.replace(trained_copy, ".")
-        elif ".modules_to_save." in key:
-            continue
-        if ".base_layer." in key:
-            owner, _, leaf = key.partition(".base_layer.")
-            key = f"{owner}.{leaf}"
-            if leaf == "weight" and owner in deltas:
-                value = value + deltas[owner].to(value.dtype)
-        out[key] = value.detach().to("cpu", copy=True).contiguous()
-    return out
-
-
-def save_tokenizer(tokenizer, folder: str) -> None:
-    """``save_pretrained`` without the truncation / padding state the last training call left in the
-    fast tokenizer (tokenizer.json would otherwise cut every text at the last max_length used)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        backend.no_truncation()
-        backend.no_padding()
-    tokenizer.save_pretrained(folder)
-
-
-def save_merged(peft_model, tokenizer, folder: str) -> None:
-    """A full model folder (config, weights, tokenizer) with the LoRA merged in."""
-    os.makedirs(folder, exist_ok=True)
-    state = merged_state_dict(peft_model)
-    peft_model.get_base_model().save_pretrained(folder, state_dict=state, safe_serialization=True)
-    save_tokenizer(tokenizer, folder)
 
 
 @dataclass
@@ -191,29 +102,17 @@ class LLMEmbedderTask(EmbedderTask):
         backbone = load_hf_model(path, dtype=torch.float32, trust_remote_code=self.model.trust_remote_code,
                                  attn_implementation=attn)
         backbone.config.use_cache = False
-        if self.llm.raw_peft:
-            from peft import PeftModel
-
-            backbone = PeftModel.from_pretrained(backbone, self.llm.raw_peft).merge_and_unload()
+        backbone = merge_raw_adapters(backbone, self.llm.raw_adapters)
         if vocab > backbone.get_input_embeddings().weight.shape[0]:
             backbone.resize_token_embeddings(vocab)
             self.resized = True
         return backbone
 
     def _wrap_lora(self, backbone: torch.nn.Module) -> torch.nn.Module:
-        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-
-        a = self.llm
-        if a.start_adapter:
-            logger.info("LoRA from %s (its rank / alpha / targets; --lora_* ignored)", a.start_adapter)
-            return PeftModel.from_pretrained(backbone, a.start_adapter, is_trainable=True)
-        targets = list(a.target_modules)
+        targets = list(self.llm.target_modules)
         if not self.resized and "embed_tokens" in targets:
             targets.remove("embed_tokens")  # FlagEmbedding adapts the embeddings only when it grew them
-        config = LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, inference_mode=False, r=a.lora_rank,
-                            lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, target_modules=targets,
-                            modules_to_save=a.modules_to_save)
-        return get_peft_model(backbone, config)
+        return wrap_lora(backbone, self.llm, "FEATURE_EXTRACTION", targets)
 
     def build(self):
         path, tok_path = self._paths()
@@ -225,9 +124,6 @@ class LLMEmbedderTask(EmbedderTask):
             backbone = self._wrap_lora(backbone)
             if self.train.gradient_checkpointing:
                 backbone.enable_input_require_grads()
-            n_train = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
-            n_all = sum(p.numel() for p in backbone.parameters())
-            logger.info("LoRA: %d of %d parameters trainable (%.2f%%)", n_train, n_all, 100 * n_train / max(n_all, 1))
         self.loss = ContrastiveLoss(self.train.temperature, self.train.negatives_cross_device, self.train.kd_loss_type)
         self.tokenizer = tokenizer
         return BiEncoder(backbone, "last_token", self.train.normalize_embeddings, self.train.sub_batch_size), tokenizer
@@ -326,19 +222,12 @@ class LLMEmbedderTask(EmbedderTask):
         if not self.llm.use_lora:
             load_backbone_weights(model.backbone, folder)
             return
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         emb = os.path.join(folder, EMBEDDING_FILE)
         if os.path.exists(emb):
             model.backbone.get_input_embeddings().weight.data.copy_(load_file(emb)["weight"])
-        weights = os.path.join(folder, ADAPTER_WEIGHTS)
-        if not os.path.exists(weights):
-            raise FileNotFoundError(f"{folder}: no {ADAPTER_WEIGHTS} to resume from")
-        result = set_peft_model_state_dict(model.backbone, load_file(weights))
-        unexpected = list(getattr(result, "unexpected_keys", []) or [])
-        if unexpected:
-            raise RuntimeError(f"{folder}: adapter does not fit the model (unexpected {unexpected[:5]})")
+        load_adapter(model.backbone, folder)
 
     def merge_saved(self, folder: str, out: str | None = None) -> str:
         """``--only_merge_lora_model``: fold the adapter saved in ``folder`` into the base model and

@@ -23,12 +23,18 @@ from .losses import LossOutput, kl_div_loss, mean_across_ranks
 
 @dataclass
 class RerankerDataArgs(GroupDataArgs):
-    """FlagEmbedding's reranker DataArgs."""
+    """FlagEmbedding's reranker DataArgs (encoder-only and LLM)."""
 
     query_instruction_for_rerank: str | None = None
     passage_instruction_for_rerank: str | None = None
+    sep_token: str = field(default="\n", metadata={"help": "LLM rerankers: separator between query, passage "
+                                                           "and prompt"})
     max_len: int = field(default=512, metadata={"help": "accepted for FlagEmbedding compatibility; pairs are cut "
                                                         "to query_max_len + passage_max_len as it does"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.sep_token = self.sep_token.replace("\\n", "\n")
 
 
 def group_loss(logits: torch.Tensor, group_size: int, teacher_scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,7 +102,8 @@ class RerankerTask:
         d = self.data
         return GroupOptions(d.train_group_size, d.query_instruction_for_rerank, d.query_instruction_format,
                             d.passage_instruction_for_rerank, d.passage_instruction_format,
-                            d.knowledge_distillation, d.shuffle_ratio, self.train.seed)
+                            d.knowledge_distillation, d.shuffle_ratio, self.train.seed,
+                            query_prompt_field="query_prompt", passage_prompt_field="passage_prompt")
 
     def build(self):
         import transformers
