@@ -1,8 +1,8 @@
 """Ray Serve application: OpenAI / Cohere-compatible routes against FlagEmbedding (oracle) and bge_ray.
 
-One Serve instance per module on 127.0.0.1 with two applications: the main one (bundled MiniLM, a
-tiny M3 with a query instruction and Matryoshka on, a tiny reranker; small limits) and a second one
-under /secure with bearer-token auth on.
+One Serve application per module on 127.0.0.1: the bundled MiniLM, a tiny M3 with a query
+instruction and Matryoshka on, a tiny reranker; small limits and bearer-token auth on (every request
+below sends the token unless it tests its absence).
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, tiny_m3, tiny_xlmr_reranker, tiny_bert):
+def server(ray_local, tiny_m3, tiny_xlmr_reranker):
     from ray import serve
 
     from bge_ray.serve.app import build_app
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # Quarter CPUs: four model replicas and two ingresses fit the session's 2-CPU Ray.
+    # Quarter CPUs: the three model replicas fit beside whatever else the session's 2-CPU Ray holds.
     replica = {"num_cpus": 0.25, "torch_threads": 1, "batch_wait_timeout_s": 0.05}
-    main = build_app(
+    app = build_app(
         {
             "embedders": [
                 {"model": "bundled", **replica},
@@ -63,30 +63,25 @@ def server(ray_local, tiny_m3, tiny_xlmr_reranker, tiny_bert):
             ],
             "rerankers": [{"model": str(tiny_xlmr_reranker), **replica}],
             "limits": {"max_inputs_per_request": MAX_INPUTS, "max_chars_per_input": MAX_CHARS},
-            "api_key_env": "BGE_RAY_TEST_UNSET_KEY",
-        }
-    )
-    secure = build_app(
-        {
-            "embedders": [{"model": str(tiny_bert), "model_class": "encoder-only-base", **replica}],
-            "rerankers": [],
             "api_key_env": "BGE_RAY_TEST_KEY",
             # The key lives in the ingress replica's environment, as it would on a cluster.
             "ingress_ray_actor_options": {"runtime_env": {"env_vars": {"BGE_RAY_TEST_KEY": API_KEY}}},
         }
     )
-    serve.run_many(
-        [serve.RunTarget(main, name="bge_test", route_prefix="/"),
-         serve.RunTarget(secure, name="bge_secure", route_prefix="/secure")]
-    )
+    serve.run(app, name="bge_test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
 
-def call(url: str, body=None, headers: dict | None = None, method: str | None = None):
-    """(status, headers, parsed JSON body); ``body`` bytes are sent as they are."""
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def call(url: str, body=None, headers: dict | None = None):
+    """(status, headers, parsed JSON body); ``body`` bytes are sent as they are; ``headers`` default
+    to the bearer token."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    headers = AUTH if headers is None else headers
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             return resp.status, dict(resp.headers), json.loads(resp.read())
@@ -119,7 +114,7 @@ def test_openai_client_gets_flagmodel_vectors(server, minilm_oracle):
 
     from bge_ray import FlagModel
 
-    client = openai.OpenAI(base_url=server + "/v1", api_key="unused")
+    client = openai.OpenAI(base_url=server + "/v1", api_key=API_KEY)  # sent as the bearer token
     resp = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS, encoding_format="float")
     got = np.array([d.embedding for d in sorted(resp.data, key=lambda d: d.index)], dtype=np.float32)
     ours = FlagModel(None, pooling_method="mean", use_fp16=False, devices="cpu")
@@ -315,20 +310,30 @@ def test_replica_serves_after_bad_requests(server):
 
 
 def test_bearer_token_auth(server):
-    url = server + "/secure/v1/embeddings"
-    status, _, err = call(url, {"input": "x"})
+    url = server + "/v1/embeddings"
+    status, _, err = call(url, {"input": "x"}, headers={})
     assert status == 401 and "missing bearer token" in err["error"]["message"]
     assert err["error"]["type"] == "authentication_error"
     status, _, err = call(url, {"input": "x"}, {"Authorization": "Bearer wrong"})
     assert status == 401 and "invalid bearer token" in err["error"]["message"]
+    status, _, err = call(server + "/v1/rerank", {"query": "q", "documents": ["a"]}, {"Authorization": API_KEY})
+    assert status == 401  # the scheme is required
     # Auth comes before parsing: a bad body without a token is still a 401.
-    status, _, err = call(url, b"{not json", {})
-    assert status == 401
-    status, _, body = call(url, {"input": ["x", "y"]}, {"Authorization": f"Bearer {API_KEY}"})
+    assert call(url, b"{not json", headers={})[0] == 401
+    assert call(server + "/v1/models", headers={})[0] == 401
+    assert call(server + "/health", headers={})[0] == 200  # load balancers probe it without a token
+    status, _, body = call(url, {"input": ["x", "y"]})
     assert status == 200 and len(body["data"]) == 2
-    assert call(server + "/secure/health")[0] == 200
-    # The main app has no key configured: no header needed.
-    assert call(server + "/v1/embeddings", {"input": "x"})[0] == 200
+
+
+def test_no_key_configured_means_no_auth():
+    from bge_ray.serve.limits import ApiError, check_bearer
+
+    check_bearer(None, None)
+    check_bearer("Bearer anything", None)
+    check_bearer("bearer k", "k")
+    with pytest.raises(ApiError, match="invalid"):
+        check_bearer("Basic k", "k")
 
 
 # -- settings (no Serve needed) -------------------------------------------------------------------
