@@ -96,3 +96,27 @@ def test_reranker_job_trains_and_loads_into_flagreranker(ray_local, tiny_bert_no
     with torch.no_grad():
         want = model(**PairBuilder(tok, 16, 48)([a for a, _ in pairs], [b for _, b in pairs], "cpu")).logits.view(-1)
     np.testing.assert_allclose(scores, want.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("line, kd, message", [
+    ('{"query": "q", "pos": ["p"], "neg": ["n"]', False, r"bad\.jsonl:2: not valid JSON"),
+    ({"pos": ["p"], "neg": ["n"]}, False, r"bad\.jsonl:2: missing 'query'"),
+    ({"query": "q", "pos": ["p"], "neg": []}, False, r"bad\.jsonl:2: 'neg' is missing or empty"),
+    ({"query": "q", "pos": ["p"], "neg": ["n", "m"], "pos_scores": [1.0], "neg_scores": [0.5]}, True,
+     r"bad\.jsonl:2: 'neg_scores' has 1 scores but 'neg' has 2"),
+    ({"query": "q", "pos": ["p"], "neg": ["n"]}, True, r"bad\.jsonl:2: knowledge_distillation needs 'pos_scores'"),
+])
+def test_reranker_job_names_the_bad_file_and_line(ray_local, tiny_bert, tmp_path, line, kd, message):
+    """The reranker job reads training data through the embedder loops' reader: a bad line fails the
+    run before any training, naming file and line, and nothing is exported to OUTPUT_DIR."""
+    from jobs.finetune_reranker import main
+
+    good = {"query": "q0", "pos": ["p0"], "neg": ["n0", "n1"], "pos_scores": [2.0], "neg_scores": [0.1, 0.2]}
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(good) + "\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n")
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(tiny_bert), "--train_data", str(f), "--output_dir", str(out),
+            "--train_group_size", "2", "--per_device_train_batch_size", "1", "--num_workers", "1"]
+    with pytest.raises(Exception, match=message):
+        main(argv + (["--knowledge_distillation", "True"] if kd else []))
+    assert not (out / "training_summary.json").exists() and not (out / "model.safetensors").exists()
