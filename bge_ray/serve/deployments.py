@@ -91,6 +91,7 @@ class _Replica:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="bge_ray-model")
         torch.set_num_threads(settings.threads)
         self._pool.submit(torch.set_num_threads, settings.threads).result()
+        self.torch_threads = self._pool.submit(torch.get_num_threads).result()
         self.device = _device(settings.num_gpus)
         started = time.perf_counter()
         self.model = self._pool.submit(self._load).result()
@@ -192,6 +193,7 @@ class EmbedderReplica(_Replica):
             "dimensions": int(self.model.dim),
             "matryoshka": bool(self.settings.matryoshka),
             "query_instruction": self.model.query_instruction_for_retrieval,
+            "torch_threads": self.torch_threads,
         }
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
@@ -289,6 +291,7 @@ class RerankerReplica(_Replica):
             "capabilities": ["rerank"],
             "dimensions": None,
             "matryoshka": False,
+            "torch_threads": self.torch_threads,
         }
 
     async def rerank(self, job: RerankJob) -> RerankResult:
