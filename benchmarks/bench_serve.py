@@ -46,7 +46,7 @@ OURS_KEYS = {
     "replicas": "--num-replicas",
     "cpus": "--num-cpus",
 }
-DEFAULT_OURS = "bs=8,wait=5,ebs=16,threads=2,replicas=1,cpus=1"
+DEFAULT_OURS = ""  # what `python jobs/serve.py` does with no flags
 
 
 # -- servers ---------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def ours_server(spec: str, port: int, log: Path) -> Server:
         if key not in OURS_KEYS:
             raise SystemExit(f"--ours: unknown key {key!r} in {spec!r}; known: {sorted(OURS_KEYS)}")
         cmd += [OURS_KEYS[key], value]
-    return Server(f"bge_ray[{spec}]", cmd, port, "/v1/embeddings", log=log)
+    return Server(f"bge_ray[{spec or 'defaults'}]", cmd, port, "/v1/embeddings", log=log)
 
 
 def infinity_server(venv: Path, port: int, log: Path, batch_size: int) -> Server:
@@ -237,7 +237,8 @@ def main(argv=None) -> int:
                    help="run every server this many times, alternating (a busy machine's load then falls on all)")
     p.add_argument("--data", default=str(SHARED / "beir" / "msmarco-subset"))
     p.add_argument("--ours", action="append", default=None,
-                   help=f"a config of ours, repeatable: comma-separated {sorted(OURS_KEYS)} (default {DEFAULT_OURS})")
+                   help=f"a config of ours, repeatable: comma-separated {sorted(OURS_KEYS)}, e.g. bs=8,threads=1,replicas=2 "
+                        "(default: jobs/serve.py's defaults)")
     p.add_argument("--peers", default="infinity", help="comma-separated: infinity, st (or none)")
     p.add_argument("--infinity-venv", default="/work/infinity-venv")
     p.add_argument("--infinity-batch-size", type=int, default=32, help="Infinity's own default")

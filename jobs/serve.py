@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bge_ray").setLevel(logging.INFO)
     settings = settings_from(args)
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        # A local Ray on this machine: models left unsized get one single-threaded replica per core.
+        settings = settings.with_cpu_plan(os.cpu_count() or 1)
     from bge_ray.serve.app import start
 
     url = start(settings, host=args.host, port=args.port, address=args.address)

@@ -348,6 +348,13 @@ def test_settings_shorthand_and_errors():
     assert s.embedders[0].served_name == "all-MiniLM-L6-v2"
     assert s.rerankers[0].served_name == "bge-reranker-v2-m3"
     assert s.embedders[0].ongoing_requests == 2 * s.embedders[0].max_batch_size
+    planned = AppSettings.from_args({"model": "bundled", "reranker": "/m/rr"}).with_cpu_plan(2)
+    assert [(m.num_replicas, m.torch_threads, m.num_cpus) for m in [*planned.embedders, *planned.rerankers]] == [
+        (2, 1, 0.5),
+        (2, 1, 0.5),
+    ]
+    sized = AppSettings.from_args({"embedders": [{"model": "bundled", "num_replicas": 1}]}).with_cpu_plan(2)
+    assert sized.embedders[0].num_replicas == 1 and sized.embedders[0].torch_threads is None
     with pytest.raises(ValidationError, match="max_batch_sise"):
         AppSettings.from_args({"embedders": [{"model": "bundled", "max_batch_sise": 4}]})
     with pytest.raises(ValidationError, match="distinct"):
