@@ -148,8 +148,9 @@ class AppSettings(_Strict):
         for every model whose replicas, threads and CPUs were left unset, the Ray CPUs split among them.
 
         Why: a multi-threaded torch replica shares its cores with the HTTP proxy, the ingress and the
-        clients, and its threads then wait on each other at every op; measured on 2 cores with 8
-        clients, 2 replicas x 1 thread gave 41.6 passages/s, 1 replica x 2 threads 7.6.
+        clients, and its threads wait on each other at every op whenever one is descheduled. Measured
+        on 2 cores with 8 clients (benchmarks/bench_serve.py): 2 replicas x 1 thread 44.1 passages/s,
+        1 replica x 2 threads 38.5 on a quiet machine, and 41.6 vs 7.6 while another process was busy.
         """
         sizing = {"num_replicas", "torch_threads", "num_cpus", "autoscaling_config"}
         models = [*self.embedders, *self.rerankers]
