@@ -83,3 +83,45 @@ def test_automatic_weights_sum_to_one_and_favour_the_lower_loss(two_berts, tmp_p
     assert (weights[0] > weights[1]) == (losses[0] < losses[1])
     assert weights == pytest.approx(merge.weights_from_losses(losses, 1.0))
     assert Path(out, "model.safetensors").exists()
+
+
+def _shifted_copy(src: Path, dst: Path, seed: int) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["llm", "layerwise"])
+def test_decoder_rerankers_merge_and_load(kind, unigram_tokenizer, tmp_path):
+    """LLM (Gemma layout) and layerwise (MiniCPM layout) rerankers: the average loads into the
+    inference class and scores as a model holding the averaged weights; automatic weights work."""
+    from safetensors.torch import load_file
+
+    from bge_ray.models import FlagLLMReranker
+    from bge_ray.models.layerwise_reranker import LayerWiseFlagLLMReranker
+    from tests import tiny_llm_models as tlm
+
+    tok = tlm.build_llm_tokenizer(unigram_tokenizer, tmp_path / "tok")
+    if kind == "llm":
+        a, cls = tlm.build_gemma_reranker(tmp_path / "a", tok), FlagLLMReranker
+    else:
+        a, cls = tlm.build_minicpm_layerwise(tmp_path / "a", tok), LayerWiseFlagLLMReranker
+    b = _shifted_copy(a, tmp_path / "b", seed=3)
+    out = merge.mix_models([str(a), str(b)], [0.5, 0.5], str(tmp_path / "avg"))
+    sa, sb, sm = (load_file(str(Path(f) / "model.safetensors")) for f in (a, b, out))
+    for k in sa:
+        torch.testing.assert_close(sm[k], (sa[k] + sb[k]) / 2)
+    pairs = [["what is a panda", "a bear of china"], ["what is a panda", "bank loans"]]
+    scores = cls(str(out), devices="cpu", use_fp16=False).compute_score(pairs)
+    assert np.all(np.isfinite(scores)) and len(scores) == 2
+    examples = [{"query": q, "pos": [p], "neg": ["bank loans", "rivers and fish"]} for q, p in pairs]
+    _, weights, losses = merge.mix_models_with_data([str(a), str(b)], "reranker", examples, str(tmp_path / "auto"),
+                                                    temperature=1.0, max_length=64, neg_number=2)
+    assert sum(weights) == pytest.approx(1.0) and all(np.isfinite(losses))

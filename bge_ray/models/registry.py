@@ -204,6 +204,11 @@ def infer_from_checkpoint(path: str | os.PathLike, kind: str = EMBEDDER) -> Mode
     if kind == RERANKER:
         if "ForSequenceClassification" in archs:
             return ModelSpec(name, "", RERANKER, "FlagReranker")
+        # The layerwise / lightweight checkpoints name remote-code classes; their heads say what they are.
+        if "LayerWise" in archs or (model_type == "minicpm" and "start_layer" in config):
+            return ModelSpec(name, "", RERANKER, "LayerWiseFlagLLMReranker")
+        if "CostWise" in archs or model_type == "cost_wise_gemma":
+            return ModelSpec(name, "", RERANKER, "LightWeightFlagLLMReranker")
         if "ForCausalLM" in archs:
             return ModelSpec(name, "", RERANKER, "FlagLLMReranker")
         return None

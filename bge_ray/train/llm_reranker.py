@@ -335,8 +335,10 @@ class LLMRerankerTask(RerankerTask):
         cfg = dict(self.raw_config)
         cfg.update(start_layer=base.config.start_layer, head_multi=base.config.head_multi,
                    head_type=base.config.head_type, use_cache=False)
-        cfg.setdefault("architectures", ["LayerWiseMiniCPMForCausalLM"])
-        cfg.setdefault("model_type", "minicpm")
+        cfg["architectures"] = ["LayerWiseMiniCPMForCausalLM"]
+        cfg["model_type"] = "minicpm"
+        if not cfg.get("auto_map"):
+            cfg.pop("auto_map", None)
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
         save_tokenizer(tokenizer, folder)
