@@ -6,6 +6,7 @@ same run. Prints requests/s, passages/s, p50 and p99 latency and our/peer ratios
 
     python benchmarks/bench_serve.py                                  # ours (default config) vs Infinity
     python benchmarks/bench_serve.py --seconds 20 --ours bs=8,threads=2 --ours bs=4,replicas=2,threads=1
+    python benchmarks/bench_serve.py --ours colocate=off --ours colocate=on --rounds 2   # both layouts
     python benchmarks/bench_serve.py --peers st                       # FastAPI + sentence-transformers
 
 Infinity 0.0.78 pins transformers 4.47, so it runs from its own virtualenv (--infinity-venv):
@@ -45,6 +46,7 @@ OURS_KEYS = {
     "threads": "--torch-threads",
     "replicas": "--num-replicas",
     "cpus": "--num-cpus",
+    "colocate": "--colocate",  # on / off
 }
 DEFAULT_OURS = ""  # what `python jobs/serve.py` does with no flags
 

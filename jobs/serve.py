@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per replica")
     p.add_argument("--num-gpus", type=float, default=None, help="Ray GPUs per replica")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per replica")
+    p.add_argument("--colocate", choices=["on", "off"], default=None,
+                   help="model inside the ingress replicas (default: on when serving exactly one model)")
     p.add_argument("--max-inputs", type=int, default=None, help="limit: texts (documents) per request")
     p.add_argument("--max-chars", type=int, default=None, help="limit: characters per text")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
@@ -79,6 +81,8 @@ def settings_from(args: argparse.Namespace) -> AppSettings:
             data[kind] = [{**m, **per_model} for m in data.get(kind, [{"model": "bundled"}])]
     limits = {"max_inputs_per_request": args.max_inputs, "max_chars_per_input": args.max_chars}
     data["limits"] = {**data.get("limits", {}), **{k: v for k, v in limits.items() if v is not None}}
+    if args.colocate:
+        data["colocate"] = args.colocate == "on"
     return AppSettings.from_args(data)
 
 

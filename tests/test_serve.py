@@ -1,8 +1,9 @@
 """Ray Serve application: OpenAI / Cohere-compatible routes against FlagEmbedding (oracle) and bge_ray.
 
-One Serve application per module on 127.0.0.1: the bundled MiniLM, a tiny M3 with a query
-instruction and Matryoshka on, a tiny reranker; small limits and bearer-token auth on (every request
-below sends the token unless it tests its absence).
+Two Serve applications per module on 127.0.0.1, small limits and bearer-token auth on in both (every
+request below sends the token unless it tests its absence): at / the bundled MiniLM, a tiny M3 with a
+query instruction and Matryoshka on and a tiny reranker, each its own deployment behind the ingress;
+at /colo the bundled MiniLM alone, colocated in the ingress (tests taking ``layout`` run on both).
 """
 
 from __future__ import annotations
@@ -39,38 +40,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Quarter CPUs: the replicas of both apps fit beside whatever else the session's 2-CPU Ray holds.
+REPLICA = {"num_cpus": 0.25, "torch_threads": 1, "batch_wait_timeout_s": 0.05}
+LIMITS = {"max_inputs_per_request": MAX_INPUTS, "max_chars_per_input": MAX_CHARS}
+# The key lives in the ingress replica's environment, as it would on a cluster.
+AUTH_ARGS = {
+    "api_key_env": "BGE_RAY_TEST_KEY",
+    "ingress_ray_actor_options": {"runtime_env": {"env_vars": {"BGE_RAY_TEST_KEY": API_KEY}}},
+}
+
+
 @pytest.fixture(scope="module")
-def server(ray_local, tiny_m3, tiny_xlmr_reranker):
+def serve_url(ray_local):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(serve_url, tiny_m3, tiny_xlmr_reranker):
     from ray import serve
 
     from bge_ray.serve.app import build_app
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # Quarter CPUs: the three model replicas fit beside whatever else the session's 2-CPU Ray holds.
-    replica = {"num_cpus": 0.25, "torch_threads": 1, "batch_wait_timeout_s": 0.05}
-    app = build_app(
-        {
-            "embedders": [
-                {"model": "bundled", **replica},
-                {
-                    "model": str(tiny_m3),
-                    "name": "bge-m3-tiny",
-                    "query_instruction": M3_INSTRUCTION,
-                    "matryoshka": True,
-                    **replica,
-                },
-            ],
-            "rerankers": [{"model": str(tiny_xlmr_reranker), **replica}],
-            "limits": {"max_inputs_per_request": MAX_INPUTS, "max_chars_per_input": MAX_CHARS},
-            "api_key_env": "BGE_RAY_TEST_KEY",
-            # The key lives in the ingress replica's environment, as it would on a cluster.
-            "ingress_ray_actor_options": {"runtime_env": {"env_vars": {"BGE_RAY_TEST_KEY": API_KEY}}},
-        }
-    )
+    embedders = [
+        {"model": "bundled", **REPLICA},
+        {"model": str(tiny_m3), "name": "bge-m3-tiny", "query_instruction": M3_INSTRUCTION, "matryoshka": True, **REPLICA},
+    ]
+    rerankers = [{"model": str(tiny_xlmr_reranker), **REPLICA}]
+    app = build_app({"embedders": embedders, "rerankers": rerankers, "limits": LIMITS, **AUTH_ARGS})
     serve.run(app, name="bge_test", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    return serve_url
+
+
+@pytest.fixture(scope="module")
+def colocated(serve_url):
+    from ray import serve
+
+    from bge_ray.serve.app import build_app
+
+    app = build_app({"embedders": [{"model": "bundled", **REPLICA}], "limits": LIMITS, **AUTH_ARGS})
+    serve.run(app, name="bge_test_colocated", route_prefix="/colo")
+    return serve_url + "/colo"
+
+
+@pytest.fixture(scope="module", params=["2-hop", "colocated"])
+def layout(request):
+    """The URL of each app in turn: its model in its own deployment, or inside the ingress."""
+    return request.getfixturevalue("server" if request.param == "2-hop" else "colocated")
 
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -109,12 +129,12 @@ def m3_oracle(tiny_m3):
 # -- embeddings -----------------------------------------------------------------------------------
 
 
-def test_openai_client_gets_flagmodel_vectors(server, minilm_oracle):
+def test_openai_client_gets_flagmodel_vectors(layout, minilm_oracle):
     import openai
 
     from bge_ray import FlagModel
 
-    client = openai.OpenAI(base_url=server + "/v1", api_key=API_KEY)  # sent as the bearer token
+    client = openai.OpenAI(base_url=layout + "/v1", api_key=API_KEY)  # sent as the bearer token
     resp = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS, encoding_format="float")
     got = np.array([d.embedding for d in sorted(resp.data, key=lambda d: d.index)], dtype=np.float32)
     ours = FlagModel(None, pooling_method="mean", use_fp16=False, devices="cpu")
@@ -232,13 +252,13 @@ def test_rerank_orders_as_flagreranker(server, tiny_xlmr_reranker):
 # -- batching, discovery --------------------------------------------------------------------------
 
 
-def test_concurrent_requests_share_a_batch(server):
+def test_concurrent_requests_share_a_batch(layout):
     n = 8
     start = threading.Barrier(n)
 
     def one(i: int):
         start.wait()
-        status, headers, body = call(server + "/v1/embeddings", {"input": [f"{TEXTS[i % 4]} #{i}"] * 2})
+        status, headers, body = call(layout + "/v1/embeddings", {"input": [f"{TEXTS[i % 4]} #{i}"] * 2})
         assert status == 200, body
         return int({k.lower(): v for k, v in headers.items()}["x-batch-requests"])
 
@@ -300,6 +320,14 @@ def test_bad_request_gets_a_clear_4xx(server, path, body, status, needle):
     assert needle in err["error"]["message"], err
 
 
+def test_each_layout_rejects_before_the_model(layout):
+    status, _, err = call(layout + "/v1/embeddings", {"input": ["x"] * (MAX_INPUTS + 1)})
+    assert status == 400 and "max_inputs_per_request" in err["error"]["message"]
+    assert call(layout + "/v1/embeddings", {"input": "x"}, headers={})[0] == 401
+    status, _, err = call(layout + "/v1/rerank", {"query": "q", "documents": ["a"]})
+    assert status == 404 if layout.endswith("/colo") else status == 200, err
+
+
 def test_replica_serves_after_bad_requests(server):
     for path, body, _, _ in BAD[:6]:
         call(server + path, body)
@@ -357,6 +385,9 @@ def test_settings_shorthand_and_errors():
     assert sized.embedders[0].num_replicas == 1 and sized.embedders[0].torch_threads is None
     with pytest.raises(ValidationError, match="max_batch_sise"):
         AppSettings.from_args({"embedders": [{"model": "bundled", "max_batch_sise": 4}]})
+    assert s.colocate is None and not s.colocated and AppSettings.from_args({"model": "bundled"}).colocated
+    with pytest.raises(ValidationError, match="exactly one model"):
+        AppSettings.from_args({"model": "bundled", "reranker": "/m/rr", "colocate": True})
     with pytest.raises(ValidationError, match="distinct"):
         AppSettings.from_args({"embedders": [{"model": "/a/m"}, {"model": "/b/m"}]})
 
@@ -374,7 +405,8 @@ def test_job_script_builds_settings_from_flags(tmp_path):
     args = job.parse_args(["--reranker", "/m/rr", "--max-batch-size", "4", "--batch-wait-ms", "20", "--max-inputs", "8"])
     s = job.settings_from(args)
     assert s.rerankers[0].max_batch_size == 4 and s.embedders[0].batch_wait_timeout_s == 0.02
-    assert s.limits.max_inputs_per_request == 8
+    assert s.limits.max_inputs_per_request == 8 and s.colocate is None
+    assert not job.settings_from(job.parse_args(["--colocate", "off"])).colocated
     config = Path(__file__).resolve().parents[1] / "bge_ray" / "serve" / "serve_config.yaml"
     s = job.settings_from(job.parse_args(["--config", str(config), "--port", "9000"]))
     assert s.embedders[0].model == "bundled"

@@ -41,20 +41,28 @@ def _replica_options(s: ReplicaSettings, kind: str) -> dict[str, Any]:
 
 
 def build(settings: AppSettings) -> Application:
-    """The Serve application for ``settings`` (one deployment per model, one ingress)."""
-    embedders = {
-        s.served_name: EmbedderReplica.options(**_replica_options(s, "embedder")).bind(s) for s in settings.embedders
-    }
-    rerankers = {
-        s.served_name: RerankerReplica.options(**_replica_options(s, "reranker")).bind(s) for s in settings.rerankers
-    }
+    """The Serve application for ``settings``: one deployment per model and an ingress in front, or with
+    ``settings.colocated`` the ingress alone, loading the model itself and sized by its replica settings."""
+    actor_options = {"num_cpus": settings.ingress_num_cpus, **settings.ingress_ray_actor_options}
+    ingress_options: dict[str, Any] = dict(num_replicas=settings.ingress_num_replicas, ray_actor_options=actor_options)
+    models = [("embedder", s) for s in settings.embedders] + [("reranker", s) for s in settings.rerankers]
+    if settings.colocated:
+        [(kind, s)] = models
+        ingress_options = _replica_options(s, kind)
+        del ingress_options["name"]  # stays "Ingress"
+        ingress_options["ray_actor_options"] = {**settings.ingress_ray_actor_options, **ingress_options["ray_actor_options"]}
+        deployments = {"embedder": {}, "reranker": {}, kind: {s.served_name: s}}  # loaded by the ingress
+    else:
+        classes = {"embedder": EmbedderReplica, "reranker": RerankerReplica}
+        deployments = {"embedder": {}, "reranker": {}}
+        for kind, s in models:
+            deployments[kind][s.served_name] = classes[kind].options(**_replica_options(s, kind)).bind(s)
     aliases = {
         "embedder": {a: s.served_name for s in settings.embedders for a in s.aliases},
         "reranker": {a: s.served_name for s in settings.rerankers for a in s.aliases},
     }
-    actor_options = {"num_cpus": settings.ingress_num_cpus, **settings.ingress_ray_actor_options}
-    ingress = Ingress.options(num_replicas=settings.ingress_num_replicas, ray_actor_options=actor_options)
-    return ingress.bind(embedders, rerankers, aliases, settings.limits, settings.api_key_env)
+    ingress = Ingress.options(**ingress_options)
+    return ingress.bind(deployments["embedder"], deployments["reranker"], aliases, settings.limits, settings.api_key_env)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

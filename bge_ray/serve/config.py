@@ -126,11 +126,24 @@ class AppSettings(_Strict):
     ingress_ray_actor_options: dict[str, Any] = Field(
         default_factory=dict, description="extra ray_actor_options for the ingress, e.g. a runtime_env"
     )
+    colocate: bool | None = Field(
+        None,
+        description="load the model inside the ingress replicas (no model deployment, one process hop fewer per "
+        "request; the model's replica settings then size the ingress and ingress_num_cpus / ingress_num_replicas "
+        "do not apply); default: on when the app serves exactly one model",
+    )
+
+    @property
+    def colocated(self) -> bool:
+        n_models = len(self.embedders) + len(self.rerankers)
+        return n_models == 1 if self.colocate is None else self.colocate
 
     @model_validator(mode="after")
     def _check(self) -> AppSettings:
         if not self.embedders and not self.rerankers:
             raise ValueError("serve at least one model: embedders and rerankers are both empty")
+        if self.colocate and len(self.embedders) + len(self.rerankers) > 1:
+            raise ValueError("colocate: true needs exactly one model (each model has its own replica settings)")
         for kind, group in (("embedder", self.embedders), ("reranker", self.rerankers)):
             seen: dict[str, str] = {}
             for s in group:

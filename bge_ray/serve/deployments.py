@@ -317,3 +317,25 @@ class RerankerReplica(_Replica):
             out.append(RerankResult(scores[start:stop], int(np.sum(counts[start:stop])), info))
             start = stop
         return out
+
+
+class LocalHandle:
+    """A model replica object living in this process (the colocated layout), behind the interface the
+    ingress uses on a ``DeploymentHandle``: ``await handle.method.remote(...)``; ``@serve.batch`` still
+    merges the concurrent requests of this process."""
+
+    def __init__(self, kind: str, settings: ReplicaSettings):
+        cls = {"embedder": EmbedderReplica, "reranker": RerankerReplica}[kind].func_or_class
+        self.replica: _Replica = cls(settings)
+
+    def __getattr__(self, method: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self.replica, method))
+
+
+class _LocalMethod:
+    def __init__(self, fn):
+        self.fn = fn
+
+    async def remote(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.fn(*args, **kwargs)
+        return await out if asyncio.iscoroutine(out) else out

@@ -26,8 +26,8 @@ from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas
-from .config import Limits, api_key_from_env
-from .deployments import COLBERT, DENSE, SPARSE, EmbedJob, EmbedResult, RerankJob
+from .config import Limits, ReplicaSettings, api_key_from_env
+from .deployments import COLBERT, DENSE, SPARSE, EmbedJob, EmbedResult, LocalHandle, RerankJob
 from .limits import ApiError, check_bearer, check_text, check_texts
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,12 @@ def _batch_headers(batch) -> dict[str, str]:
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    """Routes requests to the model deployments by the request's ``model`` (first of its kind if absent)."""
+    """Routes requests to the model deployments by the request's ``model`` (first of its kind if absent).
+
+    A model given by its settings instead of a handle (the colocated layout) is loaded in this replica
+    and called in-process through a :class:`LocalHandle`; this deployment then takes the model's
+    ``user_config`` (batch parameters) and health check.
+    """
 
     def __init__(
         self,
@@ -104,7 +109,11 @@ class Ingress:
         limits: Limits,
         api_key_env: str,
     ):
-        self.handles = {"embedder": embedders, "reranker": rerankers}
+        self.handles = {
+            kind: {n: LocalHandle(kind, h) if isinstance(h, ReplicaSettings) else h for n, h in handles.items()}
+            for kind, handles in (("embedder", embedders), ("reranker", rerankers))
+        }
+        self._local = [h.replica for hs in self.handles.values() for h in hs.values() if isinstance(h, LocalHandle)]
         self.aliases = aliases  # kind -> {alias: served name}
         self.limits = limits
         self.api_key_env = api_key_env
@@ -116,6 +125,15 @@ class Ingress:
         )
         if self.api_key:
             logger.info("bearer-token auth on (key from $%s)", api_key_env)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Colocated models' batch parameters (Serve calls this only when the deployment has a user_config)."""
+        for replica in self._local:
+            replica.reconfigure(user_config)
+
+    def check_health(self) -> None:
+        for replica in self._local:
+            replica.check_health()
 
     # -- helpers ------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
