@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, SHARED  # noqa: E402
+from benchmarks.common import REPO, SHARED, job_env  # noqa: E402
 
 METRICS = ("ndcg_at_10", "recall_at_100", "map_at_10")
 REFERENCE = {"ndcg_at_10": 0.797664, "recall_at_100": 0.803202, "map_at_10": 0.218871}  # ../shared/REFERENCE.md
@@ -154,9 +153,7 @@ def main(argv=None):
 
     model = bundled_model_path()
     work = Path(tempfile.mkdtemp(prefix="bench_evaluate_"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "HF_DATASETS_CACHE": str(work / "hf_cache")}
+    env = job_env(work)
     docs, queries, qrels = read_beir(Path(a.data), a.limit)
     name = Path(a.data).name + (f"-{a.limit}" if a.limit else "")
     beir_dir = write_beir(work / "beir" / name, docs, queries, qrels)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, SHARED  # noqa: E402
+from benchmarks.common import REPO, SHARED, job_env  # noqa: E402
 
 
 def _run(cmd, log: Path, env) -> float:
@@ -64,9 +63,7 @@ def main(argv=None):
     model = bundled_model_path()
     s = settings(a.kind)
     work = Path(tempfile.mkdtemp(prefix=f"bench_finetune_{a.kind}_"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "WANDB_DISABLED": "true", "HF_DATASETS_CACHE": str(work / "hf_cache")}
+    env = job_env(work, WANDB_DISABLED="true")
     common = ["--model_name_or_path", model, "--train_group_size", str(s["group"]), "--query_max_len", str(s["qlen"]),
               "--passage_max_len", str(s["plen"]), "--per_device_train_batch_size", str(a.batch),
               "--learning_rate", "1e-5", "--num_train_epochs", str(a.epochs)]

@@ -12,6 +12,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
+
+def job_env(work: Path | None = None, **extra: str) -> dict[str, str]:
+    """Environment for the jobs a benchmark starts: offline hubs, Ray on loopback without auth,
+    and (given ``work``) a private datasets cache."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           **extra}
+    if work is not None:
+        env["HF_DATASETS_CACHE"] = str(Path(work) / "hf_cache")
+    return env
+
 # Published configs (architecture only; weights are random here: no hub on these machines).
 ARCH_CONFIGS = {
     "bge-base-en-v1.5": dict(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from benchmarks.learn_retrieval import (  # noqa: E402
     REPO,
     doc_text,
     ict_pairs,
+    job_env,
     read_beir,
     run,
     split_queries,
@@ -51,8 +51,7 @@ def main(argv=None):
     data = Path(a.data)
     work = Path(a.work or tempfile.mkdtemp(prefix=f"learn_rerank_{data.name}_"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = job_env()
     docs, queries, qrels = read_beir(data)
     rng = random.Random(a.seed)
     train_q, test_q, held = split_queries(docs, queries, qrels, work, data.name, rng)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import subprocess
@@ -28,7 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import REPO, job_env  # noqa: E402
+
 PY = sys.executable
 METRICS = ("ndcg_at_10", "recall_at_100", "map_at_10")
 
@@ -140,8 +141,7 @@ def main(argv=None):
     data = Path(a.data)
     work = Path(a.work or tempfile.mkdtemp(prefix=f"learn_{data.name}_"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = job_env()
     docs, queries, qrels = read_beir(data)
     rng = random.Random(a.seed)  # shuffles the split, then samples ICT sentences (as the recorded runs did)
     train_q, test_q, held = split_queries(docs, queries, qrels, work, data.name, rng, a.train_fraction, a.min_rel)

@@ -37,19 +37,12 @@ def check_texts(texts: list[str], limits: Limits, param: str) -> None:
             param=param,
             code="too_many_inputs",
         )
-    cap = limits.max_chars_per_input
     for i, text in enumerate(texts):
-        if len(text) > cap:
-            raise ApiError(
-                400,
-                f"{param}[{i}] has {len(text)} characters; this server accepts at most {cap} characters per "
-                f"input (limit max_chars_per_input)",
-                param=f"{param}[{i}]",
-                code="input_too_long",
-            )
+        check_text(text, limits, f"{param}[{i}]")
 
 
 def check_text(text: str, limits: Limits, param: str) -> None:
+    """Reject a text longer than ``max_chars_per_input``, naming it."""
     if len(text) > limits.max_chars_per_input:
         raise ApiError(
             400,

@@ -95,12 +95,20 @@ def write_sentence_transformers_files(folder: str, pooling_method: str, normaliz
         json.dump({"max_seq_length": max_seq_length, "do_lower_case": False}, f, indent=2)
 
 
-def load_backbone(model: ModelArgs, auto_class=None, **model_kwargs):
-    """Backbone and tokenizer through the one loading path (bundled default, local folder, hub)."""
-    from bge_ray.models.loading import load_hf_model, load_tokenizer, resolve_model_path
+def model_paths(model: ModelArgs) -> tuple[str, str]:
+    """(weights folder, tokenizer folder) of ``model`` (bundled default, local folder or hub name)."""
+    from bge_ray.models.loading import resolve_model_path
 
     path = resolve_model_path(model.model_name_or_path, cache_dir=model.cache_dir)
     tok_path = resolve_model_path(model.tokenizer_name, cache_dir=model.cache_dir) if model.tokenizer_name else path
+    return path, tok_path
+
+
+def load_backbone(model: ModelArgs, auto_class=None, **model_kwargs):
+    """Backbone and tokenizer through the one loading path (bundled default, local folder, hub)."""
+    from bge_ray.models.loading import load_hf_model, load_tokenizer
+
+    path, tok_path = model_paths(model)
     tokenizer = load_tokenizer(tok_path, trust_remote_code=model.trust_remote_code)
     backbone = load_hf_model(path, auto_class=auto_class, trust_remote_code=model.trust_remote_code, **model_kwargs)
     return backbone, tokenizer

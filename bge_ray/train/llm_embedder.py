@@ -28,7 +28,14 @@ import numpy as np
 import torch
 
 from .data import SYMMETRIC_TYPES, build_groups
-from .embedder import BiEncoder, EmbedderTask, freeze_unused, load_backbone_weights, tokenize_texts
+from .embedder import (
+    BiEncoder,
+    EmbedderTask,
+    freeze_unused,
+    load_backbone_weights,
+    model_paths,
+    tokenize_texts,
+)
 from .lora import (
     MERGED_DIR,
     LoraArgs,
@@ -86,14 +93,6 @@ class LLMEmbedderTask(EmbedderTask):
             raise ValueError("--model_name_or_path is required for a decoder-only embedder")
 
     # -- model --------------------------------------------------------------------------------
-    def _paths(self) -> tuple[str, str]:
-        from bge_ray.models.loading import resolve_model_path
-
-        m = self.model
-        path = resolve_model_path(m.model_name_or_path, cache_dir=m.cache_dir)
-        tok = resolve_model_path(m.tokenizer_name, cache_dir=m.cache_dir) if m.tokenizer_name else path
-        return path, tok
-
     def _load_base(self, path: str, vocab: int) -> torch.nn.Module:
         """The backbone in float32, ``raw_peft`` merged in, embeddings grown to ``vocab`` tokens."""
         from bge_ray.models.loading import load_hf_model
@@ -115,7 +114,7 @@ class LLMEmbedderTask(EmbedderTask):
         return wrap_lora(backbone, self.llm, "FEATURE_EXTRACTION", targets)
 
     def build(self):
-        path, tok_path = self._paths()
+        path, tok_path = model_paths(self.model)
         self.resized = False
         tokenizer = load_llm_tokenizer(tok_path, self.model.trust_remote_code, self.llm.additional_special_tokens)
         backbone = self._load_base(path, len(tokenizer))
@@ -240,7 +239,7 @@ class LLMEmbedderTask(EmbedderTask):
         if not os.path.exists(os.path.join(folder, "adapter_config.json")):
             raise FileNotFoundError(f"{folder}: no adapter_config.json (a LoRA run's output_dir) to merge")
         tokenizer = load_tokenizer(folder, trust_remote_code=self.model.trust_remote_code)
-        path, _ = self._paths()
+        path, _ = model_paths(self.model)
         backbone = self._load_base(path, len(tokenizer))
         emb = os.path.join(folder, EMBEDDING_FILE)
         if os.path.exists(emb):

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .data import build_groups
+from .embedder import model_paths
 from .lora import (
     MERGED_DIR,
     LoraArgs,
@@ -234,14 +235,6 @@ class LLMRerankerTask(RerankerTask):
     def layerwise(self) -> bool:
         return self.llm.model_class == "decoder-only-layerwise"
 
-    def _paths(self) -> tuple[str, str]:
-        from bge_ray.models.loading import resolve_model_path
-
-        m = self.model
-        path = resolve_model_path(m.model_name_or_path, cache_dir=m.cache_dir)
-        tok = resolve_model_path(m.tokenizer_name, cache_dir=m.cache_dir) if m.tokenizer_name else path
-        return path, tok
-
     def _base(self, path: str, yes_id: int) -> nn.Module:
         from bge_ray.models.loading import load_hf_model
 
@@ -269,7 +262,7 @@ class LLMRerankerTask(RerankerTask):
         from bge_ray.models.layerwise_reranker import select_layers
         from bge_ray.models.llm_reranker import first_token_id
 
-        path, tok_path = self._paths()
+        path, tok_path = model_paths(self.model)
         tokenizer = load_llm_tokenizer(tok_path, self.model.trust_remote_code, add_eos_token=False)
         yes_id = first_token_id(tokenizer, "Yes")
         backbone = self._base(path, yes_id)
