@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -43,7 +44,9 @@ OURS_KEYS = {
     "bs": "--max-batch-size",
     "wait": "--batch-wait-ms",
     "ebs": "--encode-batch-size",
+    "ongoing": "--max-ongoing-requests",
     "threads": "--torch-threads",
+    "mthreads": "--model-threads",
     "replicas": "--num-replicas",
     "cpus": "--num-cpus",
     "colocate": "--colocate",  # on / off
@@ -217,6 +220,27 @@ def load(server: Server, passages: list[str], clients: int, seconds: float, warm
     }
 
 
+def _paired_ratios(runs: list[dict], ours: list[dict], others: list[dict]) -> list[dict]:
+    """Ours / peer within each round (servers of one round ran minutes apart, so they share the
+    machine's mood), and the median over rounds: less flattering to either side than best-of."""
+    out = []
+    for o in others:
+        for r in ours:
+            by_round = {}
+            for run in runs:
+                by_round.setdefault(run["round"], {})[run["server"]] = run
+            thr, p99 = [], []
+            for rnd in sorted(by_round):
+                a, b = by_round[rnd].get(r["server"]), by_round[rnd].get(o["server"])
+                if a and b:
+                    thr.append(round(a["requests_per_s"] / b["requests_per_s"], 3))
+                    p99.append(round(a["p99_ms"] / b["p99_ms"], 3))
+            if thr:
+                out.append({"ours": r["server"], "peer": o["server"], "requests_per_s": thr, "p99": p99,
+                            "median_requests_per_s": statistics.median(thr), "median_p99": statistics.median(p99)})
+    return out
+
+
 def _best(name: str, runs: list[dict]) -> dict:
     """The round with the highest throughput (the least disturbed by other load on the machine)."""
     return dict(max(runs, key=lambda r: r["requests_per_s"]), rounds=len(runs))
@@ -300,6 +324,10 @@ def main(argv=None) -> int:
             ratios.append(ratio)
             print(f"{r['server']} / {o['server']}: throughput x{ratio['requests_per_s']:.2f}, "
                   f"p50 x{ratio['p50']:.2f}, p99 x{ratio['p99']:.2f}")
+    paired = _paired_ratios(runs, ours, others) if args.rounds > 1 else []
+    for pr in paired:
+        print(f"{pr['ours']} / {pr['peer']} round by round: throughput {pr['requests_per_s']}, p99 {pr['p99']} "
+              f"(median x{pr['median_requests_per_s']:.2f} / x{pr['median_p99']:.2f})")
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"serve_cpu_{time.strftime('%Y%m%d_%H%M')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -307,7 +335,7 @@ def main(argv=None) -> int:
         "clients": args.clients, "seconds": args.seconds, "warmup_s": args.warmup, "per_request": args.per_request,
         "data": args.data, "model": MODEL_NAME, "rounds": args.rounds,
     }
-    out.write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios, "runs": runs}, indent=2) + "\n")
+    out.write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios, "paired": paired, "runs": runs}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -34,11 +34,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=None, help="requests merged into one model call")
     p.add_argument("--batch-wait-ms", type=float, default=None, help="how long a batch waits to fill")
     p.add_argument("--encode-batch-size", type=int, default=None, help="texts per forward pass")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="requests one replica holds at once; the rest wait in Serve's proxy for the first free replica")
     p.add_argument("--num-replicas", type=int, default=None, help="replicas per model")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscale from 1 up to this many replicas")
     p.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per replica")
     p.add_argument("--num-gpus", type=float, default=None, help="Ray GPUs per replica")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per replica")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per model thread")
+    p.add_argument("--model-threads", type=int, default=None,
+                   help="model calls each replica runs at once, from one request queue (shared weights)")
     p.add_argument("--colocate", choices=["on", "off"], default=None,
                    help="model inside the ingress replicas (default: on when serving exactly one model)")
     p.add_argument("--max-inputs", type=int, default=None, help="limit: texts (documents) per request")
@@ -68,10 +72,12 @@ def settings_from(args: argparse.Namespace) -> AppSettings:
         "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": None if args.batch_wait_ms is None else args.batch_wait_ms / 1000,
         "encode_batch_size": args.encode_batch_size,
+        "max_ongoing_requests": args.max_ongoing_requests,
         "num_replicas": args.num_replicas,
         "num_cpus": args.num_cpus,
         "num_gpus": args.num_gpus,
         "torch_threads": args.torch_threads,
+        "model_threads": args.model_threads,
     }
     if args.max_replicas:
         per_model["autoscaling_config"] = {"min_replicas": 1, "max_replicas": args.max_replicas}

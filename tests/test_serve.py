@@ -3,7 +3,8 @@
 Two Serve applications per module on 127.0.0.1, small limits and bearer-token auth on in both (every
 request below sends the token unless it tests its absence): at / the bundled MiniLM, a tiny M3 with a
 query instruction and Matryoshka on and a tiny reranker, each its own deployment behind the ingress;
-at /colo the bundled MiniLM alone, colocated in the ingress (tests taking ``layout`` run on both).
+at /colo the bundled MiniLM alone, colocated in the ingress with two model threads (tests taking
+``layout`` run on both).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def colocated(serve_url):
 
     from bge_ray.serve.app import build_app
 
-    app = build_app({"embedders": [{"model": "bundled", **REPLICA}], "limits": LIMITS, **AUTH_ARGS})
+    # Two model threads on one request queue: concurrent batches share the weights.
+    app = build_app({"embedders": [{"model": "bundled", **REPLICA, "model_threads": 2}], "limits": LIMITS, **AUTH_ARGS})
     serve.run(app, name="bge_test_colocated", route_prefix="/colo")
     return serve_url + "/colo"
 
@@ -265,6 +267,49 @@ def test_concurrent_requests_share_a_batch(layout):
     with ThreadPoolExecutor(n) as pool:
         sizes = list(pool.map(one, range(n)))
     assert max(sizes) > 1, f"no two of {n} concurrent requests were batched together: {sizes}"
+
+
+def test_model_threads_keep_each_request_its_own_vectors_and_counts(colocated):
+    """Two model calls at once on shared weights: every request still gets its own texts' vectors and
+    token count (each thread has its own tokenizer and per-call fields)."""
+    from bge_ray import FlagModel
+
+    ours = FlagModel(None, pooling_method="mean", use_fp16=False, devices="cpu")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    bodies = [[" ".join(words[: 1 + (i * 7 + j) % 10]) + f" #{i}.{j}" for j in range(1 + i % 3)] for i in range(24)]
+    start = threading.Barrier(12)
+
+    def one(texts):
+        try:
+            start.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            pass
+        status, headers, body = call(colocated + "/v1/embeddings", {"input": texts})
+        assert status == 200, body
+        return texts, body
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, bodies))
+    for texts, body in answers:
+        got = np.array([d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])], dtype=np.float32)
+        np.testing.assert_allclose(got, ours.encode(texts), atol=1e-5)
+        assert body["usage"]["prompt_tokens"] == sum(len(x) for x in ours.tokenizer(texts)["input_ids"])
+
+
+def test_thread_handles_share_weights_not_tokenizers():
+    from bge_ray import FlagModel
+    from bge_ray.serve.deployments import _thread_handles
+
+    model = FlagModel(None, pooling_method="mean", use_fp16=False, devices="cpu")
+    a, b = _thread_handles(model, 2)
+    assert a is model and b.model is model.model
+    assert b.tokenizer is not model.tokenizer
+    b.last_token_counts = [1]
+    assert getattr(model, "last_token_counts", None) != [1]
+    with ThreadPoolExecutor(2) as pool:
+        short, long_ = pool.map(lambda h_len: h_len[0].encode_corpus(TEXTS * 8, max_length=h_len[1]), [(a, 4), (b, 64)])
+    np.testing.assert_allclose(short, model.encode_corpus(TEXTS * 8, max_length=4), atol=1e-5)
+    np.testing.assert_allclose(long_, model.encode_corpus(TEXTS * 8, max_length=64), atol=1e-5)
 
 
 def test_models_and_health(server):

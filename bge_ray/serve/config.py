@@ -39,8 +39,13 @@ class ReplicaSettings(_Strict):
     encode_batch_size: int = Field(16, ge=1, description="texts per forward pass inside one model call")
     max_batch_size: int = Field(8, ge=1, description="requests merged into one model call (@serve.batch)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
+    model_threads: int = Field(
+        1, ge=1, description="model calls one replica runs at once, each on its own thread with torch_threads "
+        "threads, all fed from the replica's one request queue and sharing one copy of the weights",
+    )
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="per replica; default 2 x max_batch_size (Serve's default of 5 caps the batch)"
+        None, ge=1,
+        description="per replica; default 2 x max_batch_size x model_threads (Serve's default of 5 caps the batch)",
     )
     num_replicas: int = Field(1, ge=1, description="fixed replica count (ignored with autoscaling_config)")
     autoscaling_config: dict[str, Any] | None = Field(
@@ -72,8 +77,8 @@ class ReplicaSettings(_Strict):
 
     @property
     def ongoing_requests(self) -> int:
-        # Twice the batch: the next batch fills in the replica's queue while the current one runs.
-        return self.max_ongoing_requests or 2 * self.max_batch_size
+        # Twice the batches: the next ones fill in the replica's queue while the current ones run.
+        return self.max_ongoing_requests or 2 * self.max_batch_size * self.model_threads
 
     @property
     def threads(self) -> int:
@@ -165,7 +170,7 @@ class AppSettings(_Strict):
         on 2 cores with 8 clients (benchmarks/bench_serve.py): 2 replicas x 1 thread 44.1 passages/s,
         1 replica x 2 threads 38.5 on a quiet machine, and 41.6 vs 7.6 while another process was busy.
         """
-        sizing = {"num_replicas", "torch_threads", "num_cpus", "autoscaling_config"}
+        sizing = {"num_replicas", "torch_threads", "model_threads", "num_cpus", "autoscaling_config"}
         models = [*self.embedders, *self.rerankers]
         auto = {id(m) for m in models if m.num_gpus == 0 and not (m.model_fields_set & sizing)}
         if not auto:

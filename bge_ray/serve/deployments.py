@@ -1,15 +1,18 @@
 """Model replicas: one embedder or reranker per replica, concurrent requests merged by ``@serve.batch``.
 
-The ingress has already validated every request, so a batch holds only work the model can do. One
-model call runs at a time per replica (``max_concurrent_batches=1``), on a dedicated thread so the
-replica's event loop keeps accepting requests (and filling the next batch) meanwhile.
+The ingress has already validated every request, so a batch holds only work the model can do. Model
+calls run on dedicated threads, so the replica's event loop keeps accepting requests (and filling the
+next batch) meanwhile; ``model_threads`` of them run at once (``max_concurrent_batches``), all fed from
+the replica's one request queue and sharing one copy of the weights.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,16 +89,28 @@ class _Replica:
 
         self.settings = settings
         self.name = settings.served_name
-        # One thread runs the model: torch's thread count is per calling thread under OpenMP, so set it
-        # there as well as here (Ray caps OMP_NUM_THREADS at the actor's CPU request).
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bge_ray-model")
+        # Model threads: torch's thread count is per calling thread under OpenMP, so each sets its own
+        # (Ray caps OMP_NUM_THREADS at the actor's CPU request).
+        self._pool = ThreadPoolExecutor(
+            settings.model_threads, thread_name_prefix="bge_ray-model",
+            initializer=torch.set_num_threads, initargs=(settings.threads,),
+        )
         torch.set_num_threads(settings.threads)
-        self._pool.submit(torch.set_num_threads, settings.threads).result()
         self.torch_threads = self._pool.submit(torch.get_num_threads).result()
         self.device = _device(settings.num_gpus)
         started = time.perf_counter()
         self.model = self._pool.submit(self._load).result()
         logger.info("%s %s loaded on %s in %.1f s", self.kind, self.name, self.device, time.perf_counter() - started)
+        # One handle per model thread, taken for the length of a model call.
+        self._handles: queue.SimpleQueue = queue.SimpleQueue()
+        for h in _thread_handles(self.model, settings.model_threads):
+            self._handles.put(h)
+        # Per instance, so max_concurrent_batches can follow the settings.
+        self._batched = serve.batch(
+            max_batch_size=settings.max_batch_size,
+            batch_wait_timeout_s=settings.batch_wait_timeout_s,
+            max_concurrent_batches=settings.model_threads,
+        )(self._batch)
         tags = ("model",)
         self._m_requests = metrics.Counter("bge_ray_model_requests", "requests answered by the model", tags)
         self._m_inputs = metrics.Counter("bge_ray_model_inputs", "texts (or pairs) run through the model", tags)
@@ -121,9 +136,19 @@ class _Replica:
         self._batched.set_max_batch_size(size)
         self._batched.set_batch_wait_timeout_s(wait)
 
+    async def _batch(self, jobs: list) -> list:
+        raise NotImplementedError
+
+    def _with_handle(self, fn, jobs: list) -> list:
+        model = self._handles.get()
+        try:
+            return fn(model, jobs)
+        finally:
+            self._handles.put(model)
+
     async def _run(self, fn, jobs: list) -> list:
         started = time.perf_counter()
-        results = await asyncio.get_running_loop().run_in_executor(self._pool, fn, jobs)
+        results = await asyncio.get_running_loop().run_in_executor(self._pool, self._with_handle, fn, jobs)
         n_inputs = sum(len(_items(j)) for j in jobs)
         self._m_latency.observe((time.perf_counter() - started) * 1000)
         self._m_batch.observe(len(jobs))
@@ -140,6 +165,19 @@ class _Replica:
 
 def _items(job) -> list:
     return job.texts if isinstance(job, EmbedJob) else job.documents
+
+
+def _thread_handles(model, n: int) -> list:
+    """``n`` handles on one model for ``n`` threads: the weights are shared (inference only), while
+    each handle has its own tokenizer (a fast tokenizer's truncation state is set per call, so two
+    threads on one fail with "Already borrowed") and its own per-call fields (``last_token_counts``)."""
+    handles = [model]
+    for _ in range(n - 1):
+        h = copy.copy(model)
+        h.__dict__ = dict(model.__dict__)
+        h.tokenizer = copy.deepcopy(model.tokenizer)
+        handles.append(h)
+    return handles
 
 
 @serve.deployment
@@ -199,11 +237,10 @@ class EmbedderReplica(_Replica):
     async def embed(self, job: EmbedJob) -> EmbedResult:
         return await self._batched(job)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _batched(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
+    async def _batch(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
         return await self._run(self._embed_batch, jobs)
 
-    def _embed_batch(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
+    def _embed_batch(self, model, jobs: list[EmbedJob]) -> list[EmbedResult]:
         """Run the batch as one model call per side (queries / documents), outputs split per job."""
         results: list[EmbedResult | None] = [None] * len(jobs)
         info = BatchInfo(len(jobs), sum(len(j.texts) for j in jobs))
@@ -213,8 +250,8 @@ class EmbedderReplica(_Replica):
                 continue
             texts = [t for i in group for t in jobs[i].texts]
             modes = {m for i in group for m in jobs[i].modes}
-            out = self._encode(texts, query, modes)
-            counts = self._token_counts(texts)
+            out = self._encode(model, texts, query, modes)
+            counts = self._token_counts(model, texts)
             start = 0
             for i in group:
                 job = jobs[i]
@@ -232,9 +269,9 @@ class EmbedderReplica(_Replica):
                 start = stop
         return results  # type: ignore[return-value]
 
-    def _encode(self, texts: list[str], query: bool, modes: set[str]) -> dict[str, Any]:
-        self.model.last_token_counts = None
-        encode = self.model.encode_queries if query else self.model.encode_corpus
+    def _encode(self, model, texts: list[str], query: bool, modes: set[str]) -> dict[str, Any]:
+        model.last_token_counts = None
+        encode = model.encode_queries if query else model.encode_corpus
         if not self.is_m3:
             return {DENSE: np.asarray(encode(texts, convert_to_numpy=True), dtype=np.float32)}
         out = encode(
@@ -249,12 +286,12 @@ class EmbedderReplica(_Replica):
             COLBERT: out["colbert_vecs"],
         }
 
-    def _token_counts(self, texts: list[str]) -> np.ndarray:
-        counts = getattr(self.model, "last_token_counts", None)
+    def _token_counts(self, model, texts: list[str]) -> np.ndarray:
+        counts = getattr(model, "last_token_counts", None)
         if counts is not None and len(counts) == len(texts):
             return np.asarray(counts)
         # Classes that do not record counts: count with the tokenizer (instructions not included).
-        ids = self.model.tokenizer(texts, truncation=True, max_length=self.model.passage_max_length)["input_ids"]
+        ids = model.tokenizer(texts, truncation=True, max_length=model.passage_max_length)["input_ids"]
         return np.array([len(x) for x in ids])
 
     def _token_texts(self, weights: dict[str, float]) -> list[str]:
@@ -297,18 +334,17 @@ class RerankerReplica(_Replica):
     async def rerank(self, job: RerankJob) -> RerankResult:
         return await self._batched(job)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _batched(self, jobs: list[RerankJob]) -> list[RerankResult]:
+    async def _batch(self, jobs: list[RerankJob]) -> list[RerankResult]:
         return await self._run(self._rerank_batch, jobs)
 
-    def _rerank_batch(self, jobs: list[RerankJob]) -> list[RerankResult]:
+    def _rerank_batch(self, model, jobs: list[RerankJob]) -> list[RerankResult]:
         pairs = [(j.query, d) for j in jobs for d in j.documents]
-        self.model.last_token_counts = None
-        scores = np.asarray(self.model.compute_score(pairs, normalize=False), dtype=np.float64)
-        counts = getattr(self.model, "last_token_counts", None)
+        model.last_token_counts = None
+        scores = np.asarray(model.compute_score(pairs, normalize=False), dtype=np.float64)
+        counts = getattr(model, "last_token_counts", None)
         if counts is None or len(counts) != len(pairs):
             # Rerankers that do not record counts: query plus document tokens.
-            tok = self.model.tokenizer
+            tok = model.tokenizer
             counts = np.array([len(tok(q)["input_ids"]) + len(tok(d)["input_ids"]) for q, d in pairs])
         info = BatchInfo(len(jobs), len(pairs))
         out, start = [], 0
