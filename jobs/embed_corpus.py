@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model name or folder (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--model-class", default=None, help="FlagAutoModel model_class, e.g. encoder-only-base")
     p.add_argument("--pooling-method", default=None, choices=["cls", "mean", "last_token"])
-    p.add_argument("--num-actors", type=int, default=None, help="embedding actors (default: one per GPU, else 1)")
+    p.add_argument("--num-actors", type=int, default=None, help="embedding actors (default: one per GPU, else one single-threaded actor per core, up to 8)")
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
     p.add_argument("--max-tokens-per-batch", type=int, default=None, help="token budget per forward pass")

@@ -95,9 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     x.add_argument("--search_method", default="dense", choices=SEARCH_METHODS, help="sparse / hybrid: M3 models")
     x.add_argument("--hybrid_weights", type=float, nargs="+", default=[1.0, 0.3], help="w_dense w_sparse")
     x.add_argument("--metrics_only", default=False, **flag, help="recompute metrics from saved search results")
-    x.add_argument("--rows_per_shard", type=int, default=20_000,
-                   help="corpus embedding job shard size (0: the job's auto size, more shards for more actors)")
-    x.add_argument("--num_actors", type=int, default=None, help="embedding / reranking actors (default: per GPU, else 1)")
+    x.add_argument("--rows_per_shard", type=int, default=0,
+                   help="corpus embedding job shard size (default 0: the job's auto size, a shard per actor "
+                        "for small corpora, 50,000-row shards for large ones)")
+    x.add_argument("--num_actors", type=int, default=None, help="embedding / reranking actors (default: one per GPU, else one single-threaded actor per core, up to 8)")
     x.add_argument("--use_gpu", default=None, **flag, help="default: if the cluster has GPUs")
     x.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
     return p.parse_args(argv)

@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="top up lines short of candidates with random corpus passages (FlagEmbedding does)")
     x.add_argument("--embedding_cache", default=None, help="folder of embeddings reused across runs")
     x.add_argument("--seed", type=int, default=42)
-    x.add_argument("--num_actors", type=int, default=None, help="embedding actors (default: one per GPU, else 1)")
+    x.add_argument("--num_actors", type=int, default=None, help="embedding actors (default: one per GPU, else one single-threaded actor per core, up to 8)")
     x.add_argument("--use_gpu", default=None, **flag, help="embed on GPUs (default: if the cluster has them)")
     x.add_argument("--rows_per_call", type=int, default=1024, help="texts handed to an actor at a time")
     x.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")

@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cutoff_layers", type=int, nargs="+", default=None, help="layerwise / lightweight rerankers")
     p.add_argument("--compress_ratio", type=int, default=None, help="lightweight reranker")
     p.add_argument("--compress_layers", type=int, nargs="+", default=None, help="lightweight reranker")
-    p.add_argument("--num_actors", type=int, default=None, help="scoring actors (default: one per GPU, else 1)")
+    p.add_argument("--num_actors", type=int, default=None, help="scoring actors (default: one per GPU, else one single-threaded actor per core, up to 8)")
     p.add_argument("--use_gpu", default=None, **flag, help="score on GPUs (default: if the cluster has them)")
     p.add_argument("--rows_per_call", type=int, default=1024, help="pairs handed to an actor at a time")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")

@@ -66,3 +66,17 @@ def test_readme_main_command_runs_as_a_script(tmp_path):
     assert "embedded 60 rows" in proc.stdout
     for name in ("manifest.json", "index.faiss", "ids.parquet"):
         assert (tmp_path / "o" / name).is_file()
+
+
+def test_cpu_actor_plan_one_thread_per_core_and_fewer_actors_take_the_cores(ray_local):
+    from bge_ray.batch.runtime import ActorPlan, plan_actors
+
+    plan = plan_actors()  # the session's Ray has 2 CPUs, no GPU
+    assert (plan.num_actors, plan.torch_threads, plan.num_gpus) == (2, 1, 0.0)
+    assert plan.num_actors * plan.num_cpus + 2 * plan.read_cpus <= 2  # room left for read tasks
+    one = plan.for_blocks(1)
+    assert (one.num_actors, one.torch_threads) == (1, 2)
+    assert plan.for_blocks(5) == plan
+    gpu = ActorPlan(4, 1.0, 1.0, None).for_blocks(3)
+    assert (gpu.num_actors, gpu.torch_threads) == (3, None)
+    assert plan_actors(num_actors=1).torch_threads == 2

@@ -124,7 +124,9 @@ def embed_texts(
         raise ValueError("ids passed to embed_texts must be unique")
     table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())})
     # One block per call-sized slice, so every actor of the pool gets work.
-    ds = ray.data.from_arrow([table.slice(i, rows_per_call) for i in range(0, max(len(ids), 1), rows_per_call)])
+    blocks = [table.slice(i, rows_per_call) for i in range(0, max(len(ids), 1), rows_per_call)]
+    plan = plan.for_blocks(len(blocks))
+    ds = ray.data.from_arrow(blocks)
     out = None
     for batch in embed_dataset(ds, spec, plan, rows_per_call).iter_batches(batch_format="pyarrow", batch_size=None):
         emb = to_numpy(batch["embedding"])
@@ -315,8 +317,8 @@ def run_embed_job(
         import ray.data
         from ray.data import ActorPoolStrategy
 
-        actors = plan_actors(num_actors, use_gpu)
-        n_actors = min(actors.num_actors, len(pending))
+        actors = plan_actors(num_actors, use_gpu).for_blocks(len(pending))
+        n_actors = actors.num_actors
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
         text_fields = tuple(corpus.text_fields) if corpus.text_fields else None
         out = ds.map_batches(
@@ -343,7 +345,7 @@ def run_embed_job(
         embedded_rows=sum(r["rows"] for r in results),
         embedded_tokens=sum(r["tokens"] for r in results),
         embed_seconds=round(embed_seconds, 3),
-        num_actors=min(plan_actors(num_actors, use_gpu).num_actors, len(pending)) if pending else 0,
+        num_actors=plan_actors(num_actors, use_gpu).for_blocks(len(pending)).num_actors if pending else 0,
     )
     if index_kind and index_kind != "none":
         t_index = time.perf_counter()

@@ -93,6 +93,7 @@ def embed_roles(
     })
     # Blocks of rows_per_call spread the rows over the pool (one block would feed a single actor).
     blocks = [table.slice(s, rows_per_call) for s in range(0, table.num_rows, rows_per_call)]
+    plan = plan.for_blocks(len(blocks))
     position = {i: n for n, i in enumerate(ids)}
     out = None
     embedded = embed_dataset(ray.data.from_arrow(blocks), spec, plan, rows_per_call, actor_class=MiningEmbedActor)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,30 @@ class ActorPlan:
     torch_threads: int | None
     read_cpus: float = 1.0  # what each read / convert task asks for
 
+    def for_blocks(self, n_blocks: int) -> ActorPlan:
+        """No more actors than blocks of work (an actor with nothing to do still loads the model); on
+        CPU the actors kept take over the dropped ones' cores as torch threads."""
+        n = max(1, min(self.num_actors, n_blocks))
+        if n == self.num_actors:
+            return self
+        threads = self.torch_threads
+        if threads and not self.num_gpus:
+            threads = max(1, threads * self.num_actors // n)
+        return replace(self, num_actors=n, torch_threads=threads)
+
+
+#: Default CPU actor count cap (each actor holds its own copy of the model).
+MAX_DEFAULT_CPU_ACTORS = 8
+
 
 def plan_actors(num_actors: int | None = None, use_gpu: bool | None = None) -> ActorPlan:
-    """One actor per GPU when the cluster has GPUs; on CPU, ``num_actors`` (default 1) sharing the cores.
+    """One actor per GPU when the cluster has GPUs; on CPU, ``num_actors`` sharing the cores, by default
+    one single-threaded actor per core up to :data:`MAX_DEFAULT_CPU_ACTORS` (threads split beyond).
+
+    Why one thread per actor: torch's threads wait on each other at every op, so on a machine that
+    also runs Ray's daemons and the pipeline's reads, independent actors lose less (the embed job on
+    2 cores: 2 actors x 1 thread 1.10x the docs/s of 1 actor x 2 threads; benchmarks/bench_embed_job.py).
+    The cap bounds the model copies in memory on large nodes.
 
     On a small machine the actors must leave Ray Data room to schedule read tasks: actors that
     reserve every CPU starve the reads and the pipeline hangs without an error. Actors' CPU
@@ -63,7 +84,7 @@ def plan_actors(num_actors: int | None = None, use_gpu: bool | None = None) -> A
             raise RuntimeError("use_gpu was requested but the Ray cluster has no GPUs")
         n = num_actors or gpus
         return ActorPlan(n, 1.0, 1.0 if n <= gpus else gpus / n, None, read_cpus)
-    n = num_actors or 1
+    n = num_actors or max(1, min(int(cpus), MAX_DEFAULT_CPU_ACTORS))
     share = cpus / n
     actor_cpus = max(0.1, min(share, (cpus - 2 * read_cpus) / n))
     return ActorPlan(n, actor_cpus, 0.0, max(1, int(share)), read_cpus)

@@ -101,6 +101,7 @@ def score_pairs(
         "passage": pa.array([pairs[i][1] for i in order], pa.string()),
     })
     blocks = [table.slice(s, rows_per_call) for s in range(0, table.num_rows, rows_per_call)]
+    plan = plan.for_blocks(len(blocks))
     scored = ray.data.from_arrow(blocks).map_batches(
         RerankActor,
         fn_constructor_kwargs={"spec": spec, "torch_threads": plan.torch_threads},

@@ -78,7 +78,7 @@ def _embed(ids, texts, roles, spec, sparse, num_actors, use_gpu, rows_per_call=1
     out = ray.data.from_arrow(blocks).map_batches(
         M3EvalActor,
         fn_constructor_kwargs={"spec": spec, "torch_threads": plan.torch_threads, "sparse": sparse},
-        compute=ActorPoolStrategy(size=min(plan.num_actors, len(blocks))),
+        compute=ActorPoolStrategy(size=plan.for_blocks(len(blocks)).num_actors),
         batch_size=rows_per_call, batch_format="pyarrow", num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
     )
     parts = list(out.iter_batches(batch_format="pyarrow", batch_size=None))

@@ -72,10 +72,9 @@ class EvalArgs:
     hybrid_weights: Sequence[float] = (1.0, 0.3)  # [w_dense, w_sparse]
     benchmark_version: str = "AIR-Bench_24.05"
     metrics_only: bool = False  # recompute metrics from saved search results; never embed
-    # Corpus embed job shard size (part of the cache's identity). Large on purpose: each shard is sorted
-    # by length on its own, and msmarco-subset in 256-row shards (the job's auto size) pads 30% more
-    # tokens than one sorted shard (533k vs 410k). None: the job's auto size (spreads over more actors).
-    rows_per_shard: int | None = 20_000
+    # Corpus embed job shard size (part of the cache's identity). None: the job's auto size, one shard
+    # per actor for small corpora (each shard is length-sorted on its own, so shards stay >= 1024 rows).
+    rows_per_shard: int | None = None
 
 
 @dataclass
@@ -192,7 +191,7 @@ def embed_corpus_cached(
     out: str,
     num_actors: int | None = None,
     use_gpu: bool | None = None,
-    rows_per_shard: int = 20_000,
+    rows_per_shard: int | None = None,
 ) -> dict:
     """Run (or resume, or reuse) the embed job for ``corpus_file`` into ``out``; return what happened."""
     from bge_ray.batch.embed import plan_job, run_embed_job
@@ -281,6 +280,7 @@ def embed_queries(qids: list[str], texts: list[str], spec: EmbedderSpec, num_act
     table = pa.table({"id": pa.array(qids, pa.string()), "text": pa.array(texts, pa.string()),
                       "role": pa.array([QUERY] * len(qids), pa.string())})
     blocks = [table.slice(s, rows_per_call) for s in range(0, table.num_rows, rows_per_call)]
+    plan = plan.for_blocks(len(blocks))
     pos = {q: i for i, q in enumerate(qids)}
     out = None
     embedded = embed_dataset(ray.data.from_arrow(blocks), spec, plan, rows_per_call, actor_class=MiningEmbedActor)
