@@ -8,6 +8,11 @@ same run. Prints requests/s, passages/s, p50 and p99 latency and our/peer ratios
     python benchmarks/bench_serve.py --seconds 20 --ours bs=8,threads=2 --ours bs=4,replicas=2,threads=1
     python benchmarks/bench_serve.py --ours colocate=off --ours colocate=on --rounds 2   # both layouts
     python benchmarks/bench_serve.py --peers st                       # FastAPI + sentence-transformers
+    python benchmarks/bench_serve.py --sweep 4 8 12 16 --seconds 45   # throughput at equal p99
+
+``--sweep`` runs each server once per client count (one start per server) and reads the goal "at
+least the peer's throughput at equal p99" off the curves: for every client count of the peer, our
+throughput interpolated at the peer's p99 there, over the peer's throughput.
 
 Infinity 0.0.78 pins transformers 4.47, so it runs from its own virtualenv (--infinity-venv):
     python -m venv /work/infinity-venv && /work/infinity-venv/bin/pip install torch==2.13.0 \\
@@ -241,6 +246,54 @@ def _paired_ratios(runs: list[dict], ours: list[dict], others: list[dict]) -> li
     return out
 
 
+def throughput_at_p99(curve: list[dict], p99_ms: float) -> float | None:
+    """Requests/s on ``curve`` (points of one server) at ``p99_ms``, linear between the two points
+    around it; None outside the measured range."""
+    pts = sorted((c["p99_ms"], c["requests_per_s"]) for c in curve)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= p99_ms <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (p99_ms - x0) / (x1 - x0)
+    return None
+
+
+def sweep(args, servers: list, passages: list[str]) -> int:
+    curves: dict[str, list[dict]] = {}
+    for rnd in range(args.rounds):
+        for server in servers:
+            startup = server.start()
+            print(f"round {rnd + 1}: {server.name} up in {startup:.1f} s", flush=True)
+            try:
+                for i, clients in enumerate(args.sweep):
+                    r = load(server, passages, clients, args.seconds, args.warmup if i == 0 else 5, args.per_request)
+                    r.update(clients=clients, round=rnd + 1)
+                    curves.setdefault(server.name, []).append(r)
+                    print(f"  {clients:3d} clients  " + show(r), flush=True)
+            finally:
+                server.stop()
+            time.sleep(3)
+    compare = []
+    for peer in [n for n in curves if not n.startswith("bge_ray")]:
+        for ours in [n for n in curves if n.startswith("bge_ray")]:
+            for pt in curves[peer]:
+                mine = throughput_at_p99(curves[ours], pt["p99_ms"])
+                row = {"ours": ours, "peer": peer, "clients": pt["clients"], "round": pt["round"],
+                       "peer_p99_ms": pt["p99_ms"], "peer_requests_per_s": pt["requests_per_s"],
+                       "ours_requests_per_s_at_that_p99": mine,
+                       "ratio": None if mine is None else mine / pt["requests_per_s"]}
+                compare.append(row)
+                at = "outside our measured p99 range" if mine is None else f"ours {mine:.2f} req/s = x{row['ratio']:.2f}"
+                print(f"{peer} at {pt['clients']} clients: {pt['requests_per_s']:.2f} req/s, p99 {pt['p99_ms']:.0f} ms; "
+                      f"{ours} at that p99: {at}")
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"serve_sweep_{time.strftime('%Y%m%d_%H%M')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "clients": args.sweep,
+            "seconds": args.seconds, "warmup_s": args.warmup, "per_request": args.per_request, "data": args.data,
+            "model": MODEL_NAME, "rounds": args.rounds}
+    out.write_text(json.dumps({"meta": meta, "curves": curves, "at_equal_p99": compare}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def _best(name: str, runs: list[dict]) -> dict:
     """The round with the highest throughput (the least disturbed by other load on the machine)."""
     return dict(max(runs, key=lambda r: r["requests_per_s"]), rounds=len(runs))
@@ -256,6 +309,8 @@ def show(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--sweep", type=int, nargs="+", default=None, metavar="CLIENTS",
+                   help="client counts: a throughput / p99 curve per server, compared at equal p99")
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--warmup", type=float, default=10)
     p.add_argument("--per-request", type=int, default=8)
@@ -294,6 +349,8 @@ def main(argv=None) -> int:
         else:
             raise SystemExit(f"unknown peer {peer!r}")
 
+    if args.sweep:
+        return sweep(args, servers, passages)
     runs = []
     for rnd in range(args.rounds):
         for server in servers:
