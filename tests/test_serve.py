@@ -422,10 +422,13 @@ def test_settings_shorthand_and_errors():
     assert s.rerankers[0].served_name == "bge-reranker-v2-m3"
     assert s.embedders[0].ongoing_requests == 2 * s.embedders[0].max_batch_size
     planned = AppSettings.from_args({"model": "bundled", "reranker": "/m/rr"}).with_cpu_plan(2)
-    assert [(m.num_replicas, m.torch_threads, m.num_cpus) for m in [*planned.embedders, *planned.rerankers]] == [
-        (2, 1, 0.5),
-        (2, 1, 0.5),
-    ]
+    # One replica per model, a single-threaded model call per core from its one queue, a request per call.
+    assert [
+        (m.num_replicas, m.model_threads, m.torch_threads, m.num_cpus, m.max_batch_size)
+        for m in [*planned.embedders, *planned.rerankers]
+    ] == [(1, 2, 1, 1.0, 1), (1, 2, 1, 1.0, 1)]
+    kept = AppSettings.from_args({"embedders": [{"model": "bundled", "max_batch_size": 8}]}).with_cpu_plan(2)
+    assert (kept.embedders[0].model_threads, kept.embedders[0].max_batch_size) == (2, 8)
     sized = AppSettings.from_args({"embedders": [{"model": "bundled", "num_replicas": 1}]}).with_cpu_plan(2)
     assert sized.embedders[0].num_replicas == 1 and sized.embedders[0].torch_threads is None
     with pytest.raises(ValidationError, match="max_batch_sise"):

@@ -162,13 +162,16 @@ class AppSettings(_Strict):
         return self
 
     def with_cpu_plan(self, cpus: float) -> AppSettings:
-        """Size CPU-only models for a machine with ``cpus`` cores: one single-threaded replica per core
-        for every model whose replicas, threads and CPUs were left unset, the Ray CPUs split among them.
+        """Size CPU-only models for a machine with ``cpus`` cores: one replica per model whose replicas,
+        threads and CPUs were left unset, running one single-threaded model call per core from its one
+        request queue, a request per call (unless ``max_batch_size`` was given).
 
-        Why: a multi-threaded torch replica shares its cores with the HTTP proxy, the ingress and the
-        clients, and its threads wait on each other at every op whenever one is descheduled. Measured
-        on 2 cores with 8 clients (benchmarks/bench_serve.py): 2 replicas x 1 thread 44.1 passages/s,
-        1 replica x 2 threads 38.5 on a quiet machine, and 41.6 vs 7.6 while another process was busy.
+        Why (benchmarks/bench_serve.py --sweep, 2 cores, same run): 2, 4, 8 clients gave 42.4 / 42.9 /
+        39.5 passages/s at p99 617 / 945 / 1932 ms, against 31.5 / 36.3 / 36.8 at 990 / 1529 / 2393 ms
+        for two single-threaded replicas with merged batches (Serve's router can put two requests on
+        one replica while the other idles, and a merged batch runs on one thread) and Infinity's
+        37.6 / 32.8 / 36.3 at 711 / 1275 / 2176 ms. Multi-threaded torch lost more: its threads wait on
+        each other at every op whenever one is descheduled.
         """
         sizing = {"num_replicas", "torch_threads", "model_threads", "num_cpus", "autoscaling_config"}
         models = [*self.embedders, *self.rerankers]
@@ -176,12 +179,17 @@ class AppSettings(_Strict):
         if not auto:
             return self
         fixed = sum(m.num_cpus * (1 if m.autoscaling_config else m.num_replicas) for m in models if id(m) not in auto)
-        replicas = max(1, int(cpus))
-        share = max(0.1, (cpus - fixed) / (replicas * len(auto)))
-        plan = {"num_replicas": replicas, "torch_threads": 1, "num_cpus": round(share, 3)}
+        threads = max(1, int(cpus))
+        share = max(0.1, (cpus - fixed) / len(auto))
+
+        def plan(m):
+            update = {"num_replicas": 1, "model_threads": threads, "torch_threads": 1, "num_cpus": round(share, 3)}
+            if "max_batch_size" not in m.model_fields_set:
+                update["max_batch_size"] = 1
+            return m.model_copy(update=update)
 
         def sized(group):
-            return [m.model_copy(update=plan) if id(m) in auto else m for m in group]
+            return [plan(m) if id(m) in auto else m for m in group]
 
         return self.model_copy(update={"embedders": sized(self.embedders), "rerankers": sized(self.rerankers)})
 
