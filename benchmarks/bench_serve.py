@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -250,7 +251,7 @@ def throughput_at_p99(curve: list[dict], p99_ms: float) -> float | None:
     """Requests/s on ``curve`` (points of one server) at ``p99_ms``, linear between the two points
     around it; None outside the measured range."""
     pts = sorted((c["p99_ms"], c["requests_per_s"]) for c in curve)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
         if x0 <= p99_ms <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (p99_ms - x0) / (x1 - x0)
     return None

@@ -114,7 +114,7 @@ def embed_texts(
 
     from bge_ray.io.shards import to_numpy
 
-    from .runtime import plan_actors
+    from .runtime import call_blocks, plan_actors
 
     if len(ids) != len(texts):
         raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
@@ -123,9 +123,7 @@ def embed_texts(
     if len(order) != len(ids):
         raise ValueError("ids passed to embed_texts must be unique")
     table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())})
-    # One block per call-sized slice, so every actor of the pool gets work.
-    blocks = [table.slice(i, rows_per_call) for i in range(0, max(len(ids), 1), rows_per_call)]
-    plan = plan.for_blocks(len(blocks))
+    blocks, plan = call_blocks(table, rows_per_call, plan)
     ds = ray.data.from_arrow(blocks)
     out = None
     for batch in embed_dataset(ds, spec, plan, rows_per_call).iter_batches(batch_format="pyarrow", batch_size=None):
@@ -313,6 +311,7 @@ def run_embed_job(
     logger.info("%d shards planned, %d already committed, %d to embed", len(shards), len(done), len(pending))
     results: list[dict] = []
     t_embed = time.perf_counter()
+    n_actors = 0
     if pending:
         import ray.data
         from ray.data import ActorPoolStrategy
@@ -345,7 +344,7 @@ def run_embed_job(
         embedded_rows=sum(r["rows"] for r in results),
         embedded_tokens=sum(r["tokens"] for r in results),
         embed_seconds=round(embed_seconds, 3),
-        num_actors=plan_actors(num_actors, use_gpu).for_blocks(len(pending)).num_actors if pending else 0,
+        num_actors=n_actors,
     )
     if index_kind and index_kind != "none":
         t_index = time.perf_counter()

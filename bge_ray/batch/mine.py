@@ -83,7 +83,7 @@ def embed_roles(
     """Embed queries and passages (``roles``) on one Ray actor pool; rows come back in input order."""
     import ray.data
 
-    from .runtime import plan_actors
+    from .runtime import call_blocks, plan_actors
 
     plan = plan_actors(num_actors, use_gpu)
     table = pa.table({
@@ -91,9 +91,7 @@ def embed_roles(
         "text": pa.array(list(texts), pa.string()),
         "role": pa.array(list(roles), pa.string()),
     })
-    # Blocks of rows_per_call spread the rows over the pool (one block would feed a single actor).
-    blocks = [table.slice(s, rows_per_call) for s in range(0, table.num_rows, rows_per_call)]
-    plan = plan.for_blocks(len(blocks))
+    blocks, plan = call_blocks(table, rows_per_call, plan)
     position = {i: n for n, i in enumerate(ids)}
     out = None
     embedded = embed_dataset(ray.data.from_arrow(blocks), spec, plan, rows_per_call, actor_class=MiningEmbedActor)

@@ -87,7 +87,7 @@ def score_pairs(
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from .runtime import plan_actors
+    from .runtime import call_blocks, plan_actors
 
     if not pairs:
         return np.zeros(0, dtype=np.float64)
@@ -100,8 +100,7 @@ def score_pairs(
         "query": pa.array([pairs[i][0] for i in order], pa.string()),
         "passage": pa.array([pairs[i][1] for i in order], pa.string()),
     })
-    blocks = [table.slice(s, rows_per_call) for s in range(0, table.num_rows, rows_per_call)]
-    plan = plan.for_blocks(len(blocks))
+    blocks, plan = call_blocks(table, rows_per_call, plan)
     scored = ray.data.from_arrow(blocks).map_batches(
         RerankActor,
         fn_constructor_kwargs={"spec": spec, "torch_threads": plan.torch_threads},

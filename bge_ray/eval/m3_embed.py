@@ -69,16 +69,16 @@ def _embed(ids, texts, roles, spec, sparse, num_actors, use_gpu, rows_per_call=1
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from bge_ray.batch.runtime import plan_actors
+    from bge_ray.batch.runtime import call_blocks, plan_actors
 
     plan = plan_actors(num_actors, use_gpu)
     table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string()),
                       "role": pa.array(roles, pa.string())})
-    blocks = [table.slice(s, rows_per_call) for s in range(0, table.num_rows, rows_per_call)]
+    blocks, plan = call_blocks(table, rows_per_call, plan)
     out = ray.data.from_arrow(blocks).map_batches(
         M3EvalActor,
         fn_constructor_kwargs={"spec": spec, "torch_threads": plan.torch_threads, "sparse": sparse},
-        compute=ActorPoolStrategy(size=plan.for_blocks(len(blocks)).num_actors),
+        compute=ActorPoolStrategy(size=plan.num_actors),
         batch_size=rows_per_call, batch_format="pyarrow", num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
     )
     parts = list(out.iter_batches(batch_format="pyarrow", batch_size=None))

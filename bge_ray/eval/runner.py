@@ -271,7 +271,7 @@ def embed_queries(qids: list[str], texts: list[str], spec: EmbedderSpec, num_act
 
     from bge_ray.batch.embed import embed_dataset
     from bge_ray.batch.mine import QUERY, MiningEmbedActor
-    from bge_ray.batch.runtime import plan_actors
+    from bge_ray.batch.runtime import call_blocks, plan_actors
     from bge_ray.io.shards import to_numpy
 
     plan = plan_actors(num_actors, use_gpu)
@@ -279,8 +279,7 @@ def embed_queries(qids: list[str], texts: list[str], spec: EmbedderSpec, num_act
         plan = replace(plan, num_actors=1, num_cpus=min(plan.num_cpus, 0.25))
     table = pa.table({"id": pa.array(qids, pa.string()), "text": pa.array(texts, pa.string()),
                       "role": pa.array([QUERY] * len(qids), pa.string())})
-    blocks = [table.slice(s, rows_per_call) for s in range(0, table.num_rows, rows_per_call)]
-    plan = plan.for_blocks(len(blocks))
+    blocks, plan = call_blocks(table, rows_per_call, plan)
     pos = {q: i for i, q in enumerate(qids)}
     out = None
     embedded = embed_dataset(ray.data.from_arrow(blocks), spec, plan, rows_per_call, actor_class=MiningEmbedActor)

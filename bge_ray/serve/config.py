@@ -179,11 +179,11 @@ class AppSettings(_Strict):
         if not auto:
             return self
         fixed = sum(m.num_cpus * (1 if m.autoscaling_config else m.num_replicas) for m in models if id(m) not in auto)
-        threads = max(1, int(cpus))
+        calls = max(1, int(cpus))
         share = max(0.1, (cpus - fixed) / len(auto))
 
         def plan(m):
-            update = {"num_replicas": 1, "model_threads": threads, "torch_threads": 1, "num_cpus": round(share, 3)}
+            update = {"num_replicas": 1, "model_threads": calls, "torch_threads": 1, "num_cpus": round(share, 3)}
             if "max_batch_size" not in m.model_fields_set:
                 update["max_batch_size"] = 1
             return m.model_copy(update=update)
