@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bge_ray.models.encode import plan_batches, run_batches, scatter_rows
+from bge_ray.models.encode import CPU_TOKENS_PER_BATCH, plan_batches, run_batches, scatter_rows, tokens_per_batch
 from bge_ray.models.tokenize import Features, collate
 
 
@@ -29,6 +29,28 @@ def test_token_budget_gives_short_texts_bigger_batches():
     batches = plan_batches(lengths, batch_size=64, max_tokens=200)
     assert [len(b) for b in batches[:2]] == [2, 2]
     assert all(len(b) <= 20 for b in batches[2:]) and sum(len(b) for b in batches) == 44
+
+
+def test_cpu_passes_get_a_cache_sized_token_budget_unless_told():
+    assert tokens_per_batch(None, "cpu") == CPU_TOKENS_PER_BATCH
+    assert tokens_per_batch(None, "cuda:0") is None
+    assert tokens_per_batch(4096, "cpu") == 4096 and tokens_per_batch(4096, "cuda:1") == 4096
+    assert tokens_per_batch(0, "cpu") is None
+
+
+def test_cpu_token_budget_splits_passes_without_changing_vectors(tiny_bert):
+    from bge_ray.models.embedder import FlagModel
+
+    texts = [" ".join(["word"] * (20 + i % 30)) for i in range(96)]
+    capped = FlagModel(str(tiny_bert), devices="cpu", batch_size=64, use_fp16=False)
+    uncapped = FlagModel(str(tiny_bert), devices="cpu", batch_size=64, use_fp16=False, max_tokens_per_batch=0)
+    calls = {"capped": [], "uncapped": []}
+    for name, m in (("capped", capped), ("uncapped", uncapped)):
+        m.model.register_forward_hook(lambda mod, args, kw, out, n=name: calls[n].append(kw["input_ids"].numel()),
+                                      with_kwargs=True)
+    np.testing.assert_allclose(capped.encode_corpus(texts), uncapped.encode_corpus(texts), atol=1e-5)
+    assert max(calls["capped"]) <= CPU_TOKENS_PER_BATCH < max(calls["uncapped"])
+    assert len(calls["capped"]) > len(calls["uncapped"]) == 2
 
 
 def test_collate_pads_right_and_left():

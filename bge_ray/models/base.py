@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .devices import resolve_devices, resolve_dtype
-from .encode import run_batches
+from .encode import run_batches, tokens_per_batch
 from .loading import load_hf_model, load_tokenizer, resolve_model_path
 from .tokenize import Features
 
@@ -102,7 +102,7 @@ class InferenceModel:
                 device=device,
                 pad=pad,
                 batch_size=batch_size,
-                max_tokens=self.max_tokens_per_batch,
+                max_tokens=tokens_per_batch(self.max_tokens_per_batch, device),
                 padding_side=padding_side,
                 pad_to_multiple_of=pad_to_multiple_of,
                 progress=progress and index is None,

@@ -22,6 +22,19 @@ logger = logging.getLogger(__name__)
 #: Pin host batches before copying them to a GPU (lets the copy overlap compute).
 PIN_MEMORY = True
 
+#: Padded tokens per forward pass on CPU when the caller sets no budget. A pass's activations then
+#: stay in cache: on a 2-core AMD EPYC, fp32, msmarco passages at batch size 64, MiniLM-L6 runs 1.15-1.2x
+#: and a bge-base-shaped model 1.35x the texts/s of uncapped 64-text passes (1024-4096 all close).
+CPU_TOKENS_PER_BATCH = 2048
+
+
+def tokens_per_batch(max_tokens: int | None, device: str) -> int | None:
+    """The token budget a pass runs under: ``max_tokens`` when given (0: none), else
+    :data:`CPU_TOKENS_PER_BATCH` on CPU and none on an accelerator (where big passes fill the device)."""
+    if max_tokens is not None:
+        return max_tokens or None
+    return CPU_TOKENS_PER_BATCH if device.startswith("cpu") else None
+
 
 def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
     """Row indices of each batch, longest texts first.
