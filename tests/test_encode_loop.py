@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from bge_ray.models.encode import CPU_TOKENS_PER_BATCH, plan_batches, run_batches, scatter_rows, tokens_per_batch
+from bge_ray.models.encode import (
+    CPU_TOKENS_PER_BATCH,
+    plan_batches,
+    run_batches,
+    scatter_rows,
+    tokens_per_batch,
+)
 from bge_ray.models.tokenize import Features, collate
 
 
