@@ -1,6 +1,7 @@
 """The corpus embedding job (jobs/embed_corpus.py on a local Ray) vs FlagEmbedding's encode_corpus, same run.
 
     python benchmarks/bench_embed_job.py --json benchmarks/results/cpu_embed_job_msmarco.json
+    python benchmarks/bench_embed_job.py --actors 2 --rounds 3 --peer-batch-sizes 16 --json ...  # paired rounds
     python benchmarks/bench_embed_job.py --limit 200          # quick check that it all runs
 
 Both sides get the same texts (msmarco-subset: title + " " + text, 5000 passages), the bundled
@@ -14,6 +15,10 @@ all-MiniLM-L6-v2, mean pooling, fp32, batch size 64, max length 256:
 
 Prints docs/s and tokens/s for each, the ratios ours / FlagEmbedding (per actor count, both ways)
 and N actors / 1 actor, and the largest difference between the job's vectors and FlagEmbedding's.
+With ``--rounds R`` every round runs both sides again and ratios are taken within a round (this VM's
+speed drifts by up to 2x over minutes), then the median. ``--peer-batch-sizes`` adds FlagEmbedding
+runs at smaller batch sizes: ours caps CPU passes at 2048 tokens, and this shows how much of the
+lead is that cap (FlagEmbedding has no token budget, only a batch size).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,15 +81,15 @@ def count_tokens(model_path: str, texts: list[str], max_length: int) -> int:
     return sum(len(x) for x in enc["input_ids"])
 
 
-def run_flagembedding(model_path: str, texts: list[str], args) -> tuple[dict, np.ndarray]:
+def run_flagembedding(model_path: str, texts: list[str], batch_size: int, args) -> tuple[dict, np.ndarray]:
     import torch
     from FlagEmbedding import FlagModel
 
     model = FlagModel(
         model_path, pooling_method="mean", use_fp16=False, devices="cpu",
-        batch_size=args.batch_size, passage_max_length=args.max_length,
+        batch_size=batch_size, passage_max_length=args.max_length,
     )
-    model.encode_corpus(texts[: min(len(texts), 2 * args.batch_size)])  # warm-up
+    model.encode_corpus(texts[: min(len(texts), 2 * batch_size)])  # warm-up
     t0 = time.perf_counter()
     emb = np.asarray(model.encode_corpus(texts), dtype=np.float32)
     seconds = time.perf_counter() - t0
@@ -154,6 +160,48 @@ def run_job(input_dir: Path, out: Path, num_actors: int, args) -> dict:
     return res
 
 
+def run_one_job(input_dir: Path, out: Path, k: int, ids: list[str], fe_emb, n: int, args) -> dict:
+    """One job run with ``k`` actors, checked for every id and compared with FlagEmbedding's vectors."""
+    shutil.rmtree(out, ignore_errors=True)
+    r = run_job(input_dir, out, k, args)
+    manifest = r.pop("_manifest")
+    if r.get("rows") != n:
+        raise RuntimeError(f"job with {k} actor(s) reported {r.get('rows')} rows, expected {n}")
+    for key in ("wall_seconds", "job_seconds", "embed_seconds"):
+        r[key.replace("seconds", "docs_per_s")] = rate(n, r.get(key))
+    r["startup_seconds"] = round(r["wall_seconds"] - r["job_seconds"], 3) if r.get("job_seconds") else None
+    if fe_emb is not None:
+        got = read_job_embeddings(out, manifest)
+        missing = [i for i in ids if i not in got]
+        if missing:
+            raise RuntimeError(f"job output lacks {len(missing)} ids, e.g. {missing[:3]}")
+        r["max_abs_diff_vs_flagembedding"] = float(np.abs(np.stack([got[i] for i in ids]) - fe_emb).max())
+    return r
+
+
+def round_ratios(report: dict, args) -> dict:
+    """Ours / FlagEmbedding (at each batch size) and N / 1 actors, per round and their medians: the
+    machine's speed drifts between rounds, so only runs of the same round are compared."""
+    by_round: dict[str, list] = {}
+    for rnd in range(args.rounds):
+        fe = {f["batch_size"]: f["docs_per_s"] for f in report["flagembedding_runs"] if f["round"] == rnd}
+        jobs = {r["num_actors"]: r for r in report["job"] if r["round"] == rnd}
+        for k, r in jobs.items():
+            for bs, fe_rate in fe.items():
+                suffix = "" if bs == args.batch_size else f"_bs{bs}"
+                for how in ("job", "embed", "wall"):
+                    by_round.setdefault(f"ours_{k}actor_{how}/flagembedding{suffix}", []).append(
+                        ratio(r.get(f"{how}_docs_per_s"), fe_rate))
+            base = jobs.get(min(jobs))
+            if k != base["num_actors"]:
+                for how in ("job", "wall"):
+                    by_round.setdefault(f"{k}actors/{base['num_actors']}actor_{how}", []).append(
+                        ratio(r.get(f"{how}_docs_per_s"), base.get(f"{how}_docs_per_s")))
+    medians = {key: round(statistics.median(v for v in vals if v is not None), 3) if any(v is not None for v in vals)
+               else None for key, vals in by_round.items()}
+    return {**medians, "by_round": by_round}
+
+
 def rate(n: int, seconds: float | None) -> float | None:
     return round(n / seconds, 2) if seconds else None
 
@@ -171,6 +219,10 @@ def main(argv=None) -> int:
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="job runs, one per actor count")
     p.add_argument("--rows-per-call", type=int, default=None, help="passed to the job (default: the job's)")
     p.add_argument("--no-peer", action="store_true", help="skip FlagEmbedding")
+    p.add_argument("--peer-batch-sizes", type=int, nargs="*", default=[],
+                   help="also run FlagEmbedding at these batch sizes (ours caps CPU passes at 2048 tokens: "
+                        "shows what FlagEmbedding gets from smaller passes)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat FlagEmbedding + job runs; ratios per round, median")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per job run")
     p.add_argument("--keep", default=None, help="keep the job outputs in this folder")
     p.add_argument("--json", default=None, help="write the report here")
@@ -194,7 +246,8 @@ def main(argv=None) -> int:
         "max_length": args.max_length, "model": model_path,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version()},
-        "versions": {}, "flagembedding": None, "job": [], "ratios": {},
+        "rounds": args.rounds, "versions": {}, "flagembedding": None, "flagembedding_runs": [], "job": [],
+        "ratios": {},
     }
     for dist in ("torch", "transformers", "ray", "FlagEmbedding"):
         try:
@@ -204,64 +257,52 @@ def main(argv=None) -> int:
 
     fe_emb = None
     try:
-        if not args.no_peer:
-            fe, fe_emb = run_flagembedding(model_path, texts, args)
-            fe.update(docs_per_s=rate(n, fe["seconds"]), tokens_per_s=rate(n_tokens, fe["seconds"]))
-            report["flagembedding"] = fe
-            print(f"FlagEmbedding encode_corpus: {fe['seconds']:.1f} s, {fe['docs_per_s']} docs/s, "
-                  f"{fe['tokens_per_s']} tokens/s", flush=True)
-        for k in args.actors:
-            out = work / f"out_actors{k}"
-            shutil.rmtree(out, ignore_errors=True)
-            r = run_job(input_dir, out, k, args)
-            manifest = r.pop("_manifest")
-            if r.get("rows") != n:
-                raise RuntimeError(f"job with {k} actor(s) reported {r.get('rows')} rows, expected {n}")
-            for key in ("wall_seconds", "job_seconds", "embed_seconds"):
-                r[key.replace("seconds", "docs_per_s")] = rate(n, r.get(key))
-            r["startup_seconds"] = round(r["wall_seconds"] - r["job_seconds"], 3) if r.get("job_seconds") else None
-            if fe_emb is not None:
-                got = read_job_embeddings(out, manifest)
-                missing = [i for i in ids if i not in got]
-                if missing:
-                    raise RuntimeError(f"job output lacks {len(missing)} ids, e.g. {missing[:3]}")
-                r["max_abs_diff_vs_flagembedding"] = float(np.abs(np.stack([got[i] for i in ids]) - fe_emb).max())
-            report["job"].append(r)
-            print(f"job, {k} actor(s): wall {r['wall_seconds']:.1f} s ({r['wall_docs_per_s']} docs/s); "
-                  f"job {r.get('job_seconds')} s ({r.get('job_docs_per_s')} docs/s); "
-                  f"embed stage {r.get('embed_seconds')} s ({r.get('embed_docs_per_s')} docs/s); "
-                  f"start-up + shutdown {r['startup_seconds']} s"
-                  + (f"; max |ours - FE| {r['max_abs_diff_vs_flagembedding']:.2e}" if fe_emb is not None else ""),
-                  flush=True)
+        for rnd in range(args.rounds):
+            tag = f"round {rnd + 1}/{args.rounds}: " if args.rounds > 1 else ""
+            for bs in ([] if args.no_peer else [args.batch_size, *args.peer_batch_sizes]):
+                fe, emb = run_flagembedding(model_path, texts, bs, args)
+                fe.update(round=rnd, batch_size=bs, docs_per_s=rate(n, fe["seconds"]),
+                          tokens_per_s=rate(n_tokens, fe["seconds"]))
+                fe_emb = emb if bs == args.batch_size else fe_emb
+                report["flagembedding_runs"].append(fe)
+                print(f"{tag}FlagEmbedding encode_corpus, batch size {bs}: {fe['seconds']:.1f} s, "
+                      f"{fe['docs_per_s']} docs/s, {fe['tokens_per_s']} tokens/s", flush=True)
+            for k in args.actors:
+                r = run_one_job(input_dir, work / f"out_actors{k}", k, ids, fe_emb, n, args)
+                r["round"] = rnd
+                report["job"].append(r)
+                print(f"{tag}job, {k} actor(s): wall {r['wall_seconds']:.1f} s ({r['wall_docs_per_s']} docs/s); "
+                      f"job {r.get('job_seconds')} s ({r.get('job_docs_per_s')} docs/s); "
+                      f"embed stage {r.get('embed_seconds')} s ({r.get('embed_docs_per_s')} docs/s); "
+                      f"start-up + shutdown {r['startup_seconds']} s"
+                      + (f"; max |ours - FE| {r['max_abs_diff_vs_flagembedding']:.2e}" if fe_emb is not None else ""),
+                      flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    fe_rate = report["flagembedding"]["docs_per_s"] if report["flagembedding"] else None
-    by_k = {r["num_actors"]: r for r in report["job"]}
-    ratios = report["ratios"]
-    for k, r in by_k.items():
-        for how in ("job", "embed", "wall"):
-            ratios[f"ours_{k}actor_{how}/flagembedding"] = ratio(r.get(f"{how}_docs_per_s"), fe_rate)
-    base = by_k.get(min(by_k)) if by_k else None
-    for k, r in by_k.items():
-        if base is not None and k != base["num_actors"]:
-            for how in ("job", "wall"):
-                ratios[f"{k}actors/{base['num_actors']}actor_{how}"] = ratio(
-                    r.get(f"{how}_docs_per_s"), base.get(f"{how}_docs_per_s"))
-
+    report["flagembedding"] = next(
+        (f for f in report["flagembedding_runs"] if f["batch_size"] == args.batch_size), None)
+    report["ratios"] = round_ratios(report, args)
+    rounds = report["ratios"].pop("by_round")
+    if args.rounds > 1:
+        print("\nratios by round (docs/s, same round's FlagEmbedding run at the same batch size):")
+        for key, vals in rounds.items():
+            print(f"  {key}: {vals}")
     print("\n| run | seconds | docs/s | tokens/s |\n|---|---|---|---|")
-    if fe_rate:
-        fe = report["flagembedding"]
-        print(f"| FlagEmbedding encode_corpus | {fe['seconds']:.1f} | {fe_rate} | {fe['tokens_per_s']} |")
-    for k, r in by_k.items():
+    for f in report["flagembedding_runs"]:
+        print(f"| r{f['round'] + 1} FlagEmbedding encode_corpus, batch size {f['batch_size']} | {f['seconds']:.1f} | "
+              f"{f['docs_per_s']} | {f['tokens_per_s']} |")
+    for r in report["job"]:
         for label, key in (("job figure", "job_seconds"), ("subprocess wall", "wall_seconds")):
-            s = r.get(key)
-            if s:
-                print(f"| job, {k} actor(s), {label} | {s:.1f} | {rate(n, s)} | {rate(n_tokens, s)} |")
-    print("\nratios (docs/s):")
-    for key, v in ratios.items():
+            sec = r.get(key)
+            if sec:
+                print(f"| r{r['round'] + 1} job, {r['num_actors']} actor(s), {label} | {sec:.1f} | {rate(n, sec)} | "
+                      f"{rate(n_tokens, sec)} |")
+    print(f"\nratios (docs/s; median over {args.rounds} round(s)):")
+    for key, v in report["ratios"].items():
         print(f"  {key}: {v}")
+    report["ratios_by_round"] = rounds
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
