@@ -172,6 +172,7 @@ class ShardEmbedActor(EmbedActor):
 
         out = []
         for d in batch.to_pylist():
+            started = time.time()
             t0 = time.perf_counter()
             shard = Shard(**d)
             _maybe_inject_fault(self.output, shard.index)
@@ -184,7 +185,8 @@ class ShardEmbedActor(EmbedActor):
             table = pa.table({"id": rows["id"], "embedding": embedding_array(emb), "n_tokens": pa.array(n_tokens)})
             write_parquet_atomic(table, os.path.join(self.output, "shards", shard.name))
             out.append({"index": shard.index, "rows": len(rows), "tokens": int(n_tokens.sum()), "dim": dim,
-                        "bad": json.dumps(bad[:20]), "n_bad": len(bad), "seconds": time.perf_counter() - t0})
+                        "bad": json.dumps(bad[:20]), "n_bad": len(bad), "seconds": time.perf_counter() - t0,
+                        "started": started})
         return pa.Table.from_pylist(out)
 
 
@@ -311,6 +313,7 @@ def run_embed_job(
     logger.info("%d shards planned, %d already committed, %d to embed", len(shards), len(done), len(pending))
     results: list[dict] = []
     t_embed = time.perf_counter()
+    t_embed_wall = time.time()
     n_actors = 0
     if pending:
         import ray.data
@@ -345,6 +348,10 @@ def run_embed_job(
         embedded_tokens=sum(r["tokens"] for r in results),
         embed_seconds=round(embed_seconds, 3),
         num_actors=n_actors,
+        # Where the embed stage's time went: actors busy on shards, and the wait for the first shard
+        # to start (actor start-up: process, imports, model load).
+        shard_seconds=round(sum(r["seconds"] for r in results), 3),
+        first_shard_after_seconds=round(min(r["started"] for r in results) - t_embed_wall, 3) if results else None,
     )
     if index_kind and index_kind != "none":
         t_index = time.perf_counter()

@@ -98,9 +98,13 @@ def plan_actors(num_actors: int | None = None, use_gpu: bool | None = None) -> A
 
 
 def actor_device(torch_threads: int | None = None) -> str:
-    """Inside an actor: cap torch's CPU threads to the actor's share, return the device to load on."""
+    """Inside an actor: cap torch's CPU threads to the actor's share, keep freed activation memory
+    (:func:`bge_ray.models.devices.keep_freed_memory`), return the device to load on."""
     import torch
 
+    from bge_ray.models.devices import keep_freed_memory
+
+    keep_freed_memory()
     if torch_threads:
         torch.set_num_threads(torch_threads)
     return "cuda:0" if torch.cuda.is_available() else "cpu"

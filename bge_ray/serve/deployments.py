@@ -87,6 +87,8 @@ class _Replica:
     def __init__(self, settings: ReplicaSettings):
         import torch
 
+        from bge_ray.models.devices import keep_freed_memory
+
         self.settings = settings
         self.name = settings.served_name
         # Model threads: torch's thread count is per calling thread under OpenMP, so each sets its own
@@ -96,6 +98,7 @@ class _Replica:
             initializer=torch.set_num_threads, initargs=(settings.threads,),
         )
         torch.set_num_threads(settings.threads)
+        keep_freed_memory()
         self.torch_threads = self._pool.submit(torch.get_num_threads).result()
         self.device = _device(settings.num_gpus)
         started = time.perf_counter()
