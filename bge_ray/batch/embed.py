@@ -163,7 +163,9 @@ class ShardEmbedActor(EmbedActor):
 
     def __init__(self, spec: EmbedderSpec, torch_threads: int | None, output: str, id_field, text_fields,
                  skip_bad: bool, fs=None):
+        self.init_started = time.time()
         super().__init__(spec, torch_threads)
+        self.init_seconds = time.time() - self.init_started
         self.output, self.id_field, self.text_fields = output, id_field, text_fields
         self.skip_bad, self.fs = skip_bad, fs
 
@@ -186,7 +188,7 @@ class ShardEmbedActor(EmbedActor):
             write_parquet_atomic(table, os.path.join(self.output, "shards", shard.name))
             out.append({"index": shard.index, "rows": len(rows), "tokens": int(n_tokens.sum()), "dim": dim,
                         "bad": json.dumps(bad[:20]), "n_bad": len(bad), "seconds": time.perf_counter() - t0,
-                        "started": started})
+                        "started": started, "init_started": self.init_started, "init_seconds": self.init_seconds})
         return pa.Table.from_pylist(out)
 
 
@@ -294,7 +296,8 @@ def run_embed_job(
             old = json.load(f)
         # A resumed run keeps the shard size it started with, whatever the actor count now.
         rows_per_shard = rows_per_shard or old.get("rows_per_shard")
-    plan = plan_job(corpus, spec, rows_per_shard, plan_actors(num_actors, use_gpu).num_actors)
+    actor_plan = plan_actors(num_actors, use_gpu)
+    plan = plan_job(corpus, spec, rows_per_shard, actor_plan.num_actors)
     digest = plan_digest(plan)
     if old is not None:
         if old.get("digest") != digest:
@@ -319,7 +322,7 @@ def run_embed_job(
         import ray.data
         from ray.data import ActorPoolStrategy
 
-        actors = plan_actors(num_actors, use_gpu).for_blocks(len(pending))
+        actors = actor_plan.for_blocks(len(pending))
         n_actors = actors.num_actors
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
         text_fields = tuple(corpus.text_fields) if corpus.text_fields else None
@@ -352,6 +355,7 @@ def run_embed_job(
         # to start (actor start-up: process, imports, model load).
         shard_seconds=round(sum(r["seconds"] for r in results), 3),
         first_shard_after_seconds=round(min(r["started"] for r in results) - t_embed_wall, 3) if results else None,
+        actor_start_seconds=_actor_start(results, t_embed_wall),
     )
     if index_kind and index_kind != "none":
         t_index = time.perf_counter()
@@ -363,6 +367,18 @@ def run_embed_job(
     write_json(os.path.join(output, "manifest.json"), manifest)
     del ray
     return EmbedJobResult(output, manifest["rows"], manifest["tokens"], seconds, manifest)
+
+
+def _actor_start(results: list[dict], t0: float) -> dict | None:
+    """Per actor (told apart by construction time): when its process began the constructor, after the
+    embed stage began, and how long the constructor (imports, model load) took."""
+    seen = {}
+    for r in results:
+        seen[r["init_started"]] = r["init_seconds"]
+    if not seen:
+        return None
+    return {"constructor_began_after": [round(s - t0, 3) for s in sorted(seen)],
+            "constructor_seconds": [round(seen[s], 3) for s in sorted(seen)]}
 
 
 def _verify_and_describe(plan: dict, output: str, results: list[dict]) -> dict:
