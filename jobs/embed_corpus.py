@@ -18,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bge_ray.batch.cli import MAX_TOKENS_HELP  # noqa: E402
 from bge_ray.batch.embed import EmbedderSpec, run_embed_job  # noqa: E402
 from bge_ray.batch.runtime import init_ray  # noqa: E402
 from bge_ray.index.faiss_index import INDEX_KINDS  # noqa: E402
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-actors", type=int, default=None, help="embedding actors (default: one per GPU, else one single-threaded actor per core, up to 8)")
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
-    p.add_argument("--max-tokens-per-batch", type=int, default=None, help="padded tokens per forward pass (default: 2048 on CPU, which keeps activations in cache; none on GPU; 0: no cap)")
+    p.add_argument("--max-tokens-per-batch", type=int, default=None, help=MAX_TOKENS_HELP)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--rows-per-shard", "--rows-per-call", dest="rows_per_shard", type=int, default=None,
                    help="rows per output shard, the unit of work, retry and resume "

@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bge_ray.batch.cli import actors_for_devices, hf_bool  # noqa: E402
+from bge_ray.batch.cli import MAX_TOKENS_HELP, actors_for_devices, hf_bool  # noqa: E402
 from bge_ray.batch.embed import EmbedderSpec  # noqa: E402
 from bge_ray.batch.teacher import RerankerSpec  # noqa: E402
 from bge_ray.eval.datasets import BENCHMARKS  # noqa: E402
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--trust_remote_code", default=False, **flag)
     m.add_argument("--cache_dir", default=None, help="model download cache")
     m.add_argument("--embedder_batch_size", type=int, default=256)
-    m.add_argument("--max_tokens_per_batch", type=int, default=None, help="padded tokens per forward pass (default: 2048 on CPU, which keeps activations in cache; none on GPU; 0: no cap)")
+    m.add_argument("--max_tokens_per_batch", type=int, default=None, help=MAX_TOKENS_HELP)
     m.add_argument("--embedder_query_max_length", type=int, default=512)
     m.add_argument("--embedder_passage_max_length", type=int, default=512)
     m.add_argument("--truncate_dim", type=int, default=None)

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bge_ray.batch.cli import actors_for_devices, hf_bool  # noqa: E402
+from bge_ray.batch.cli import MAX_TOKENS_HELP, actors_for_devices, hf_bool  # noqa: E402
 from bge_ray.batch.embed import EmbedderSpec  # noqa: E402
 from bge_ray.batch.mine import AUTO_INSTRUCTION, MineConfig, mine_hard_negatives  # noqa: E402
 from bge_ray.batch.runtime import init_ray  # noqa: E402
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--trust_remote_code", default=False, **flag)
     m.add_argument("--cache_dir", default=None, help="model download cache")
     m.add_argument("--batch_size", type=int, default=256, help="texts per forward pass")
-    m.add_argument("--max_tokens_per_batch", type=int, default=None, help="padded tokens per forward pass (default: 2048 on CPU, none on GPU; 0: no cap)")
+    m.add_argument("--max_tokens_per_batch", type=int, default=None, help=MAX_TOKENS_HELP)
     m.add_argument("--embedder_query_max_length", "--max_query_length", dest="max_query_length", type=int, default=512)
     m.add_argument("--embedder_passage_max_length", "--max_passage_length", dest="max_passage_length",
                    type=int, default=512)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+#: Help of every job's token-budget flag (the default lives in ``bge_ray.models.encode.tokens_per_batch``).
+MAX_TOKENS_HELP = "padded tokens per forward pass (default: 2048 on CPU, which keeps activations in cache; none on GPU; 0: no cap)"
+
 
 def hf_bool(text: str) -> bool:
     """argparse type for HfArgumentParser-style booleans: ``--flag``, ``--flag True``, ``--flag false``."""

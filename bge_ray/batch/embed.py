@@ -372,9 +372,7 @@ def run_embed_job(
 def _actor_start(results: list[dict], t0: float) -> dict | None:
     """Per actor (told apart by construction time): when its process began the constructor, after the
     embed stage began, and how long the constructor (imports, model load) took."""
-    seen = {}
-    for r in results:
-        seen[r["init_started"]] = r["init_seconds"]
+    seen = {r["init_started"]: r["init_seconds"] for r in results}
     if not seen:
         return None
     return {"constructor_began_after": [round(s - t0, 3) for s in sorted(seen)],

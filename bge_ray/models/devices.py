@@ -14,7 +14,8 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 def keep_freed_memory(block_bytes: int = 32 << 20, keep_bytes: int = 256 << 20) -> bool:
     """For a process that runs CPU inference (our actors and replicas): glibc serves blocks up to
     ``block_bytes`` from its heap and keeps up to ``keep_bytes`` freed, instead of mapping fresh pages
-    for each activation tensor and unmapping them when it dies (every page then faults on first touch).
+    for each activation tensor and unmapping them when the tensor is freed (every page of the next
+    one then faults on first touch).
 
     Measured on MiniLM-L6, 960 passages, one thread: page faults 250k -> 75k, encode 1.08x faster.
     Returns False where it does not apply (not Linux / glibc); the process is then left as it was.
