@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--rows-per-shard", "--rows-per-call", dest="rows_per_shard", type=int, default=None,
                    help="rows per output shard, the unit of work, retry and resume "
-                        "(default: input rows / 32, between 256 and 50000)")
+                        "(default: input rows / actors, between 1024 and 50000)")
     p.add_argument("--on-bad-record", choices=["fail", "skip"], default="fail",
                    help="fail at the first bad input row (naming file and line), or skip, count and report them")
     p.add_argument("--overwrite", action="store_true", help="replace output of a different earlier job")
