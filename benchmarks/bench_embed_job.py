@@ -19,10 +19,11 @@ and N actors / 1 actor, and the largest difference between the job's vectors and
 With ``--rounds R`` every round runs both sides again and ratios are taken within a round (this VM's
 speed drifts by up to 2x over minutes), then the median. ``--peer-batch-sizes`` adds FlagEmbedding
 runs at smaller batch sizes: ours caps CPU passes at 2048 tokens, and this shows how much of the
-lead is that cap (FlagEmbedding has no token budget, only a batch size). ``--ray-cluster`` runs each round's
-jobs on a Ray started for them (as `ray job submit` to a cluster that is up; stopped while
-FlagEmbedding runs) instead of a private Ray per job: Ray's start-up, and the cluster-wide actors Ray Data starts once per cluster,
-then fall outside every job's figure, which keeps only the job's own actors' start-up.
+lead is that cap (FlagEmbedding has no token budget, only a batch size).
+``--ray-cluster`` runs each round's jobs on a Ray started for them (as `ray job submit` to a cluster
+that is up; stopped while FlagEmbedding runs) instead of a private Ray per job: Ray's start-up and
+the cluster-wide actors Ray Data starts once per cluster then fall outside every job's figure,
+which keeps only the job's own actors' start-up.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, SHARED  # noqa: E402
+from benchmarks.common import REPO, SHARED, job_env  # noqa: E402
 
 JOB = REPO / "jobs" / "embed_corpus.py"
 SUMMARY_RE = re.compile(r"embedded (\d+) rows(?: \((\d+) tokens\))? in ([0-9.]+) s")
@@ -102,24 +104,20 @@ def run_flagembedding(model_path: str, texts: list[str], batch_size: int, args) 
     return {"seconds": round(seconds, 3), "torch_threads": torch.get_num_threads()}, emb
 
 
-def job_env(address: str | None = None) -> dict[str, str]:
-    """The job's environment: a private local Ray (as `python jobs/embed_corpus.py` on a laptop), or the
-    running cluster at ``address``."""
-    env = dict(os.environ)
+def ray_env(address: str | None = None) -> dict[str, str]:
+    """The job's environment (:func:`benchmarks.common.job_env`): a private local Ray, as
+    `python jobs/embed_corpus.py` on a laptop, or the running cluster at ``address``."""
+    # Workers at the daemons' priority, as init_ray sets for a local Ray (see bge_ray.batch.runtime);
+    # `ray start` needs it in its own environment.
+    env = job_env(RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0")
     env.pop("RAY_ADDRESS", None)
-    env.update(
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-        # As init_ray sets for a local Ray: workers at the daemons' priority (see bge_ray.batch.runtime).
-        RAY_worker_niceness="0",
-    )
     if address:
         env["RAY_ADDRESS"] = address
     return env
 
 
 class RunningCluster:
-    """``ray start --head`` on this machine for the length of the benchmark, warmed by one small job.
+    """``ray start --head`` on this machine while the ``with`` block runs, warmed by one small job.
 
     The production shape (``ray job submit`` to a cluster that is up): Ray's own start-up and the
     cluster-wide actors Ray Data creates once per cluster (_StatsActor, AutoscalingCoordinator,
@@ -128,22 +126,27 @@ class RunningCluster:
     """
 
     def __init__(self, warm_input: Path, work: Path, args):
-        self.port = 6400 + os.getpid() % 500
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = job_env()
-        self.env["RAY_TMPDIR"] = str(work / "ray")
-        cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={self.port}",
-               f"--num-cpus={os.cpu_count()}", "--include-dashboard=false", "--disable-usage-stats",
-               f"--temp-dir={work / 'ray'}"]
-        subprocess.run(cmd, check=True, env=self.env, capture_output=True, timeout=300)
-        t0 = time.perf_counter()
-        shutil.rmtree(work / "warm_up", ignore_errors=True)
-        run_job(warm_input, work / "warm_up", 1, args, self.address)
-        print(f"ray start --head at {self.address}; warm-up job {time.perf_counter() - t0:.1f} s", flush=True)
+        self.ray = str(Path(sys.executable).with_name("ray"))
+        self.address = f"127.0.0.1:{6400 + os.getpid() % 500}"
+        self.warm_input, self.work, self.args = warm_input, work, args
 
-    def stop(self) -> None:
-        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], env=self.env,
-                       capture_output=True, timeout=300)
+    def __enter__(self) -> RunningCluster:
+        port = self.address.rsplit(":", 1)[1]
+        subprocess.run([self.ray, "start", "--head", f"--port={port}", f"--num-cpus={os.cpu_count()}",
+                        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.work / 'ray'}"],
+                       check=True, env=ray_env(), capture_output=True, timeout=300)
+        t0 = time.perf_counter()
+        shutil.rmtree(self.work / "warm_up", ignore_errors=True)
+        try:
+            run_job(self.warm_input, self.work / "warm_up", 1, self.args, self.address)
+        except BaseException:
+            self.__exit__()
+            raise
+        print(f"ray start --head at {self.address}; warm-up job {time.perf_counter() - t0:.1f} s", flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run([self.ray, "stop", "--force"], env=ray_env(), capture_output=True, timeout=300)
 
 
 def read_job_embeddings(out: Path, manifest: dict | None) -> dict[str, np.ndarray]:
@@ -170,7 +173,7 @@ def run_job(input_dir: Path, out: Path, num_actors: int, args, address: str | No
     if args.rows_per_call:
         cmd += ["--rows-per-call", str(args.rows_per_call)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=job_env(address), cwd=out.parent,
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ray_env(address), cwd=out.parent,
                           timeout=args.timeout)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -304,7 +307,6 @@ def main(argv=None) -> int:
             report["versions"][dist] = None
 
     fe_emb = None
-    cluster = None
     try:
         for rnd in range(args.rounds):
             tag = f"round {rnd + 1}/{args.rounds}: " if args.rounds > 1 else ""
@@ -316,13 +318,11 @@ def main(argv=None) -> int:
                 report["flagembedding_runs"].append(fe)
                 print(f"{tag}FlagEmbedding encode_corpus, batch size {bs}: {fe['seconds']:.1f} s, "
                       f"{fe['docs_per_s']} docs/s, {fe['tokens_per_s']} tokens/s", flush=True)
-            if args.ray_cluster:
-                # Up for this round's jobs only: an idle cluster's daemons and actors take ~5% of this
-                # 2-core machine, which must not slow the FlagEmbedding runs.
-                if not (work / "warm_input").exists():
-                    write_job_input(work / "warm_input", ids[:64], texts[:64])
-                cluster = RunningCluster(work / "warm_input", work, args)
-            try:
+            # The cluster is up for this round's jobs only: an idle cluster's daemons and actors take ~5%
+            # of this 2-core machine, which must not slow the FlagEmbedding runs.
+            if args.ray_cluster and not (work / "warm_input").exists():
+                write_job_input(work / "warm_input", ids[:64], texts[:64])
+            with RunningCluster(work / "warm_input", work, args) if args.ray_cluster else nullcontext() as cluster:
                 for k in args.actors:
                     r = run_one_job(input_dir, work / f"out_actors{k}", k, ids, fe_emb, n, args,
                                     cluster.address if cluster else None)
@@ -335,10 +335,6 @@ def main(argv=None) -> int:
                           f"{r.get('first_shard_after_seconds')} s into the embed stage"
                           + (f"; max |ours - FE| {r['max_abs_diff_vs_flagembedding']:.2e}" if fe_emb is not None
                              else ""), flush=True)
-            finally:
-                if cluster:
-                    cluster.stop()
-                    cluster = None
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
