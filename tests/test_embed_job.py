@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bge_ray.batch.embed import EmbedderSpec, run_embed_job
+from bge_ray.batch.embed import EmbedderSpec, QueryBatch, run_embed_job
 from bge_ray.index.faiss_index import load_index, search
 from bge_ray.io.readers import CorpusSpec
 from bge_ray.io.shards import read_embeddings
@@ -52,6 +52,42 @@ def test_embed_job_writes_complete_output(ray_local, sample_corpus, tmp_path):
     assert index.ntotal == len(ids)
     _, top = search(index, direct[:5], 1)
     assert [index_ids[t] for t in top[:, 0]] == ids[:5]
+
+
+def test_queries_ride_along_on_the_job_actors(ray_local, sample_corpus, tmp_path, monkeypatch):
+    """A QueryBatch is embedded by the corpus job's own actors (encode_queries: instruction and query
+    length), split into items, returned in order, kept out of the corpus output; a rerun with every
+    shard committed still embeds the queries."""
+    from dataclasses import replace
+
+    from FlagEmbedding import FlagModel as FEFlagModel
+
+    import bge_ray.batch.embed as embed
+    from bge_ray.models.loading import bundled_model_path
+
+    monkeypatch.setattr(embed, "QUERIES_PER_ITEM", 3)
+    spec = EmbedderSpec(max_length=128, use_fp16=False, pooling_method="mean")
+    instruction = "Represent this sentence for searching relevant passages: "
+    qspec = replace(spec, extra={"query_instruction_for_retrieval": instruction, "query_max_length": 16})
+    ids, texts = _corpus_rows(sample_corpus)
+    queries = [t.split(".")[0] for t in texts[:7]]
+    batch = QueryBatch([f"q{i}" for i in range(7)], queries, qspec)
+    oracle = FEFlagModel(str(bundled_model_path()), pooling_method="mean", use_fp16=False, devices="cpu",
+                         query_instruction_for_retrieval=instruction, query_max_length=16).encode_queries(queries)
+
+    out = tmp_path / "out"
+    first = run_embed_job(CorpusSpec(str(sample_corpus)), str(out), spec, rows_per_shard=32, queries=batch)
+    assert first.query_embeddings.shape == (7, 384)
+    np.testing.assert_allclose(first.query_embeddings, oracle, atol=1e-5)
+    assert first.manifest["rows"] == len(ids) and first.manifest["embedded_shards"] == 2
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+
+    again = run_embed_job(CorpusSpec(str(sample_corpus)), str(out), spec, rows_per_shard=32, queries=batch)
+    assert again.manifest["skipped_shards"] == 2 and again.manifest["embedded_shards"] == 0
+    np.testing.assert_allclose(again.query_embeddings, oracle, atol=1e-5)
+
+    with pytest.raises(ValueError, match="query options only"):
+        run_embed_job(CorpusSpec(str(sample_corpus)), str(out), replace(spec, max_length=64), queries=batch)
 
 
 @pytest.mark.slow

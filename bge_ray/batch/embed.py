@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,11 @@ from bge_ray.io.readers import CorpusSpec
 from bge_ray.io.shards import embedding_array, read_embeddings, shard_files
 
 logger = logging.getLogger(__name__)
+
+#: EmbedderSpec.extra keys that only change query vectors.
+QUERY_OPTIONS = ("query_instruction_for_retrieval", "query_instruction_format", "query_max_length")
+#: Queries per work item when a job embeds queries beside its shards (a big query set spreads over actors).
+QUERIES_PER_ITEM = 4096
 
 
 @dataclass
@@ -52,6 +57,45 @@ class EmbedderSpec:
             passage_instruction_for_retrieval=self.passage_instruction,
             **self.extra,
         )
+
+
+@dataclass
+class QueryBatch:
+    """Queries for an embed job's own actors to embed beside the corpus shards: one model load per actor
+    and no second actor pool (whose start-up, on a small CPU node, takes the cores the first one needs).
+
+    ``spec`` is the job's spec plus query-only options (:data:`QUERY_OPTIONS` in ``extra``).
+    """
+
+    ids: list[str]
+    texts: list[str]
+    spec: EmbedderSpec
+
+    def __post_init__(self):
+        if len(self.ids) != len(self.texts):
+            raise ValueError(f"{len(self.ids)} query ids but {len(self.texts)} query texts")
+
+    def items(self) -> list[dict]:
+        """Work items (negative indices, so they never collide with shard numbers)."""
+        return [{"index": -1 - k, "query_texts": self.texts[s : s + QUERIES_PER_ITEM]}
+                for k, s in enumerate(range(0, len(self.texts), QUERIES_PER_ITEM))]
+
+    def check_matches(self, spec: EmbedderSpec) -> None:
+        """The actors load ``self.spec``: it must differ from the corpus spec in query options only."""
+        corpus_only = replace(self.spec, extra={k: v for k, v in self.spec.extra.items() if k not in QUERY_OPTIONS})
+        if corpus_only != spec:
+            raise ValueError("QueryBatch.spec must be the job's embedder spec plus query options only")
+
+
+def dense_vectors(model, encode, texts: list[str], batch_size: int) -> np.ndarray:
+    """``encode(texts)`` (a model's encode_queries / encode_corpus) as a float32 matrix; for M3 models
+    the dense head only (lexical and ColBERT outputs are skipped, not computed and dropped)."""
+    kwargs = {"batch_size": batch_size}
+    if type(model).__name__ == "BGEM3FlagModel":
+        kwargs.update(return_dense=True, return_sparse=False, return_colbert_vecs=False)
+    emb = encode(texts, **kwargs)
+    emb = emb["dense_vecs"] if isinstance(emb, dict) else emb
+    return np.asarray(emb, dtype=np.float32).reshape(len(texts), -1)
 
 
 class EmbedActor:
@@ -141,6 +185,7 @@ class EmbedJobResult:
     tokens: int
     seconds: float
     manifest: dict
+    query_embeddings: np.ndarray | None = None  # the job's QueryBatch, in its order
 
     def summary(self) -> str:
         m = self.manifest
@@ -159,11 +204,15 @@ class ShardEmbedActor(EmbedActor):
     """Reads one planned shard, embeds it and commits ``shards/part-NNNNN.parquet`` (temp + rename).
 
     A retried call (the actor died) rewrites the same name, so every shard lands exactly once.
+    A query item (:class:`QueryBatch`) is embedded with ``encode_queries`` and its vectors returned.
     """
 
     def __init__(self, spec: EmbedderSpec, torch_threads: int | None, output: str, id_field, text_fields,
                  skip_bad: bool, fs=None):
+        import psutil
+
         self.init_started = time.time()
+        self.process_started = psutil.Process().create_time()
         super().__init__(spec, torch_threads)
         self.init_seconds = time.time() - self.init_started
         self.output, self.id_field, self.text_fields = output, id_field, text_fields
@@ -176,6 +225,10 @@ class ShardEmbedActor(EmbedActor):
         for d in batch.to_pylist():
             started = time.time()
             t0 = time.perf_counter()
+            if d.get("query_texts") is not None:
+                out.append(self._embed_queries(d, started, t0))
+                continue
+            d = {k: v for k, v in d.items() if k != "query_texts"}
             shard = Shard(**d)
             _maybe_inject_fault(self.output, shard.index)
             rows, bad = read_shard(shard, self.id_field, self.text_fields, self.fs, self.skip_bad)
@@ -186,10 +239,30 @@ class ShardEmbedActor(EmbedActor):
             n_tokens = np.asarray(self.model.last_token_counts, dtype=np.int32)
             table = pa.table({"id": rows["id"], "embedding": embedding_array(emb), "n_tokens": pa.array(n_tokens)})
             write_parquet_atomic(table, os.path.join(self.output, "shards", shard.name))
-            out.append({"index": shard.index, "rows": len(rows), "tokens": int(n_tokens.sum()), "dim": dim,
-                        "bad": json.dumps(bad[:20]), "n_bad": len(bad), "seconds": time.perf_counter() - t0,
-                        "started": started, "init_started": self.init_started, "init_seconds": self.init_seconds})
-        return pa.Table.from_pylist(out)
+            out.append(self._record(shard.index, len(rows), int(n_tokens.sum()), dim, started, t0,
+                                    bad=json.dumps(bad[:20]), n_bad=len(bad)))
+        return pa.Table.from_pylist(out, schema=_RESULT_SCHEMA)
+
+    def _embed_queries(self, item: dict, started: float, t0: float) -> dict:
+        texts = item["query_texts"]
+        emb = dense_vectors(self.model, self.model.encode_queries, texts, self.spec.batch_size)
+        tokens = int(np.sum(self.model.last_token_counts)) if texts else 0
+        return self._record(item["index"], len(texts), tokens, emb.shape[1], started, t0,
+                            query_embedding=emb.tobytes())
+
+    def _record(self, index, rows, tokens, dim, started, t0, bad="[]", n_bad=0, query_embedding=None) -> dict:
+        return {"index": index, "rows": rows, "tokens": tokens, "dim": dim, "bad": bad, "n_bad": n_bad,
+                "seconds": time.perf_counter() - t0, "started": started, "init_started": self.init_started,
+                "init_seconds": self.init_seconds, "process_started": self.process_started,
+                "query_embedding": query_embedding}
+
+
+# One schema for shard and query results (Ray Data concatenates them).
+_RESULT_SCHEMA = pa.schema([
+    ("index", pa.int64()), ("rows", pa.int64()), ("tokens", pa.int64()), ("dim", pa.int64()), ("bad", pa.string()),
+    ("n_bad", pa.int64()), ("seconds", pa.float64()), ("started", pa.float64()), ("init_started", pa.float64()),
+    ("init_seconds", pa.float64()), ("process_started", pa.float64()), ("query_embedding", pa.binary()),
+])
 
 
 def _maybe_inject_fault(output: str, shard_index: int) -> None:
@@ -264,11 +337,14 @@ def run_embed_job(
     on_bad_record: str = "fail",
     overwrite: bool = False,
     runtime_env: dict | None = None,
+    queries: QueryBatch | None = None,
 ) -> EmbedJobResult:
     """Embed ``corpus`` into ``output``: ``shards/part-*.parquet``, ``manifest.json``, ``index.faiss``.
 
     Resumable: ``plan.json`` fixes the shard boundaries; a rerun of the same command embeds only the
     shards not yet committed. ``runtime_env`` goes to the embedding actors (env vars, pip packages).
+    ``queries``: also embedded by the job's actors, returned in ``EmbedJobResult.query_embeddings``
+    (not written to ``output``: the folder holds the corpus only).
     ``manifest.json`` is written last, after every planned row is
     accounted for and every id is found unique, so its presence means the output is complete.
     """
@@ -281,6 +357,8 @@ def run_embed_job(
 
     if on_bad_record not in ("fail", "skip"):
         raise ValueError(f"on_bad_record must be 'fail' or 'skip', got {on_bad_record!r}")
+    if queries is not None:
+        queries.check_matches(spec)
     if "://" in output:
         raise ValueError("--output must be a local or shared-filesystem path (object-store output is not supported yet)")
     t0 = time.perf_counter()
@@ -314,21 +392,25 @@ def run_embed_job(
     done = {s["index"] for s in shards if os.path.exists(os.path.join(shard_dir, f"part-{s['index']:05d}.parquet"))}
     pending = [s for s in shards if s["index"] not in done]
     logger.info("%d shards planned, %d already committed, %d to embed", len(shards), len(done), len(pending))
+    query_items = queries.items() if queries is not None else []
     results: list[dict] = []
     t_embed = time.perf_counter()
     t_embed_wall = time.time()
     n_actors = 0
-    if pending:
+    if pending or query_items:
         import ray.data
         from ray.data import ActorPoolStrategy
 
-        actors = actor_plan.for_blocks(len(pending))
+        # Query items are small: they size nothing, they go first and the actor that took them moves on.
+        actors = actor_plan.for_blocks(len(pending) or 1)
         n_actors = actors.num_actors
-        ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+        items = query_items + pending
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
         text_fields = tuple(corpus.text_fields) if corpus.text_fields else None
         out = ds.map_batches(
             ShardEmbedActor,
-            fn_constructor_kwargs=dict(spec=spec, torch_threads=actors.torch_threads, output=output,
+            fn_constructor_kwargs=dict(spec=queries.spec if queries is not None else spec,
+                                       torch_threads=actors.torch_threads, output=output,
                                        id_field=corpus.id_field, text_fields=text_fields,
                                        skip_bad=on_bad_record == "skip"),
             # One shard in flight per actor: with Ray Data's default (several) the first actor to
@@ -341,6 +423,8 @@ def run_embed_job(
             **({"runtime_env": runtime_env} if runtime_env else {}),
         )
         results = out.take_all()
+    query_embeddings = _query_vectors(queries, [r for r in results if r["index"] < 0])
+    results = [r for r in results if r["index"] >= 0]
     embed_seconds = time.perf_counter() - t_embed
     manifest = _verify_and_describe(plan, output, results)
     manifest.update(
@@ -366,17 +450,30 @@ def run_embed_job(
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json(os.path.join(output, "manifest.json"), manifest)
     del ray
-    return EmbedJobResult(output, manifest["rows"], manifest["tokens"], seconds, manifest)
+    return EmbedJobResult(output, manifest["rows"], manifest["tokens"], seconds, manifest, query_embeddings)
+
+
+def _query_vectors(queries: QueryBatch | None, results: list[dict]) -> np.ndarray | None:
+    """The query items' vectors, back in ``queries`` order."""
+    if queries is None:
+        return None
+    by_item = {-1 - r["index"]: r for r in results}
+    if sorted(by_item) != list(range(len(queries.items()))):
+        raise RuntimeError(f"query items {sorted(by_item)} came back, expected {len(queries.items())}")
+    parts = [np.frombuffer(by_item[k]["query_embedding"], dtype=np.float32).reshape(by_item[k]["rows"], by_item[k]["dim"])
+             for k in sorted(by_item)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
 
 def _actor_start(results: list[dict], t0: float) -> dict | None:
     """Per actor (told apart by construction time): when its process began the constructor, after the
     embed stage began, and how long the constructor (imports, model load) took."""
-    seen = {r["init_started"]: r["init_seconds"] for r in results}
+    seen = {r["init_started"]: (r["init_seconds"], r["process_started"]) for r in results}
     if not seen:
         return None
-    return {"constructor_began_after": [round(s - t0, 3) for s in sorted(seen)],
-            "constructor_seconds": [round(seen[s], 3) for s in sorted(seen)]}
+    return {"process_began_after": [round(seen[s][1] - t0, 3) for s in sorted(seen)],
+            "constructor_began_after": [round(s - t0, 3) for s in sorted(seen)],
+            "constructor_seconds": [round(seen[s][0], 3) for s in sorted(seen)]}
 
 
 def _verify_and_describe(plan: dict, output: str, results: list[dict]) -> dict:

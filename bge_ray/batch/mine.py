@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import pyarrow as pa
 
-from bge_ray.batch.embed import EmbedActor, EmbedderSpec, embed_dataset
+from bge_ray.batch.embed import QUERY_OPTIONS, EmbedActor, EmbedderSpec, dense_vectors, embed_dataset
 from bge_ray.io.atomic import atomic_path, write_json
 from bge_ray.io.shards import embedding_array, shard_files, to_numpy
 from bge_ray.io.training_data import TrainingDataError, read_candidate_pool, read_training_jsonl, write_jsonl
@@ -39,8 +39,6 @@ AUTO_INSTRUCTION = "auto"
 
 # -- embedding: queries and passages in one actor pool, cached -------------------------------------
 QUERY, PASSAGE = "query", "passage"
-#: EmbedderSpec.extra keys that only change query vectors.
-QUERY_OPTIONS = ("query_instruction_for_retrieval", "query_instruction_format", "query_max_length")
 
 
 class MiningEmbedActor(EmbedActor):
@@ -50,19 +48,14 @@ class MiningEmbedActor(EmbedActor):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         roles = np.asarray(batch["role"].to_pylist())
-        kwargs = {"batch_size": self.spec.batch_size}
-        if type(self.model).__name__ == "BGEM3FlagModel":
-            # Mining needs the dense vectors only; skip the lexical and ColBERT heads.
-            kwargs.update(return_dense=True, return_sparse=False, return_colbert_vecs=False)
         ids, embs, counts = [], [], []
         for role, encode in ((QUERY, self.model.encode_queries), (PASSAGE, self.model.encode_corpus)):
             rows = np.flatnonzero(roles == role)
             if not len(rows):
                 continue
             part = batch.take(pa.array(rows))
-            emb = encode(part["text"].to_pylist(), **kwargs)
             ids.extend(part["id"].to_pylist())
-            embs.append(emb["dense_vecs"] if isinstance(emb, dict) else np.asarray(emb))
+            embs.append(dense_vectors(self.model, encode, part["text"].to_pylist(), self.spec.batch_size))
             counts.append(np.asarray(self.model.last_token_counts))
         return pa.table({
             "id": pa.array(ids, pa.string()),

@@ -1,5 +1,6 @@
 """Evaluation on Ray: for each dataset and split, embed the corpus with the resumable embed job (its
-output folder is the corpus-embedding cache), embed the queries on an actor pool, search, optionally
+output folder is the corpus-embedding cache) with the queries riding along on the job's actors (on an
+actor pool of their own when the corpus vectors are reused), search, optionally
 rerank the top ``rerank_top_k`` on a reranker actor pool, and score with pytrec_eval.
 
 Output layout under ``output_dir`` (FlagEmbedding's, plus per-split reports)::
@@ -22,10 +23,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
-from bge_ray.batch.embed import EmbedderSpec
+from bge_ray.batch.embed import EmbedderSpec, QueryBatch
 from bge_ray.batch.teacher import RerankerSpec
 from bge_ray.io.atomic import atomic_path, write_json
 
@@ -159,7 +159,7 @@ def _digest(obj) -> str:
 # -- corpus embeddings: the embed job's output folder is the cache --------------------------------
 def _corpus_spec(spec: EmbedderSpec) -> EmbedderSpec:
     """The spec without query-only options, so changing them does not invalidate corpus vectors."""
-    from bge_ray.batch.mine import QUERY_OPTIONS
+    from bge_ray.batch.embed import QUERY_OPTIONS
 
     return replace(spec, extra={k: v for k, v in spec.extra.items() if k not in QUERY_OPTIONS})
 
@@ -192,8 +192,13 @@ def embed_corpus_cached(
     num_actors: int | None = None,
     use_gpu: bool | None = None,
     rows_per_shard: int | None = None,
+    queries: QueryBatch | None = None,
 ) -> dict:
-    """Run (or resume, or reuse) the embed job for ``corpus_file`` into ``out``; return what happened."""
+    """Run (or resume, or reuse) the embed job for ``corpus_file`` into ``out``; return what happened.
+
+    ``queries`` ride along on the job's actors (``"query_embeddings"`` in the result); when the corpus
+    vectors are reused they get an actor pool of their own.
+    """
     from bge_ray.batch.embed import plan_job, run_embed_job
     from bge_ray.io.readers import CorpusSpec
     from bge_ray.io.sharding import plan_digest
@@ -203,7 +208,10 @@ def embed_corpus_cached(
         with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
             manifest = json.load(f)
         logger.info("corpus embeddings reused from %s (%d rows)", out, manifest.get("rows", -1))
-        return {"dir": out, "cached": True, "rows": manifest.get("rows"), "embed_seconds": 0.0, "job_seconds": 0.0}
+        info = {"dir": out, "cached": True, "rows": manifest.get("rows"), "embed_seconds": 0.0, "job_seconds": 0.0}
+        if queries is not None:
+            info["query_embeddings"] = embed_queries(queries.ids, queries.texts, queries.spec, num_actors, use_gpu)
+        return info
     stale = False
     plan_file = os.path.join(out, "plan.json")
     if os.path.isfile(plan_file):
@@ -216,11 +224,14 @@ def embed_corpus_cached(
             logger.info("corpus embedding cache %s was made by other settings or another corpus file: re-embedding", out)
     t0 = time.perf_counter()
     result = run_embed_job(corpus, out, spec, num_actors=num_actors, use_gpu=use_gpu, rows_per_shard=rows_per_shard,
-                           index_kind="flat", overwrite=stale)
+                           index_kind="flat", overwrite=stale, queries=queries)
     logger.info(result.summary())
-    return {"dir": out, "cached": False, "rows": result.rows, "tokens": result.tokens,
+    info = {"dir": out, "cached": False, "rows": result.rows, "tokens": result.tokens,
             "embed_seconds": float(result.manifest.get("embed_seconds", 0.0)),
             "job_seconds": time.perf_counter() - t0, "skipped_shards": result.manifest.get("skipped_shards", 0)}
+    if queries is not None:
+        info["query_embeddings"] = result.query_embeddings
+    return info
 
 
 def load_corpus_index(out: str):
@@ -258,13 +269,9 @@ def _instruction(spec: EmbedderSpec, args: EvalArgs, dataset: str | None) -> str
 
 
 def embed_queries(qids: list[str], texts: list[str], spec: EmbedderSpec, num_actors=None, use_gpu=None,
-                  beside_corpus_job: bool = False, rows_per_call: int = 1024):
-    """Query vectors on an actor pool through the model's ``encode_queries``, in ``qids`` order.
-
-    ``beside_corpus_job``: the pool runs while the corpus embed job does, so on a CPU-only cluster it
-    asks Ray for a sliver of CPU (the job's actors hold the rest): its start-up (imports, model load)
-    then overlaps the job's instead of following it. With GPUs it asks for the usual share.
-    """
+                  rows_per_call: int = 1024):
+    """Query vectors on an actor pool of their own through the model's ``encode_queries``, in ``qids``
+    order (for when no corpus job runs: its actors embed the queries otherwise)."""
     import numpy as np
     import pyarrow as pa
     import ray.data
@@ -275,8 +282,6 @@ def embed_queries(qids: list[str], texts: list[str], spec: EmbedderSpec, num_act
     from bge_ray.io.shards import to_numpy
 
     plan = plan_actors(num_actors, use_gpu)
-    if beside_corpus_job and plan.num_gpus == 0:
-        plan = replace(plan, num_actors=1, num_cpus=min(plan.num_cpus, 0.25))
     table = pa.table({"id": pa.array(qids, pa.string()), "text": pa.array(texts, pa.string()),
                       "role": pa.array([QUERY] * len(qids), pa.string())})
     blocks, plan = call_blocks(table, rows_per_call, plan)
@@ -606,22 +611,11 @@ def _search(args, bench, name, display, corpus_file, corpus, data, todo, embedde
     qids = list(queries)
     qtexts = [queries[q] for q in qids]
     try:
-        from bge_ray.batch.runtime import plan_actors
-
-        # With GPUs both pools would queue for the same devices: embed the queries after the corpus.
-        if _cache_complete(out, corpus_file) or plan_actors(num_actors, use_gpu).num_gpus > 0:
-            info = embed_corpus_cached(corpus_file, cspec, out, num_actors, use_gpu, args.rows_per_shard)
-            t = clock.add("corpus_embed", t)
-            q_emb = embed_queries(qids, qtexts, qspec, num_actors, use_gpu)
-            t = clock.add("query_embed", t)
-        else:
-            # Queries are embedded on their own small pool while the corpus job runs.
-            with ThreadPoolExecutor(1, thread_name_prefix="eval-queries") as pool:
-                fut = pool.submit(embed_queries, qids, qtexts, qspec, num_actors, use_gpu, True)
-                info = embed_corpus_cached(corpus_file, cspec, out, num_actors, use_gpu, args.rows_per_shard)
-                t = clock.add("corpus_embed", t)
-                q_emb = fut.result()
-            t = clock.add("query_embed", t)  # what the queries added after the corpus job ended
+        info = embed_corpus_cached(corpus_file, cspec, out, num_actors, use_gpu, args.rows_per_shard,
+                                   queries=QueryBatch(qids, qtexts, qspec))
+        q_emb = info.pop("query_embeddings")
+        # The corpus job's actors embed the queries too; a reused corpus leaves only the queries to embed.
+        t = clock.add("query_embed" if info["cached"] else "corpus_embed", t)
         clock.t["corpus_embed_in_actors"] = clock.t.get("corpus_embed_in_actors", 0.0) + info["embed_seconds"]
         report.corpus_embedding[display] = info
         doc_ids, index = load_corpus_index(out)
