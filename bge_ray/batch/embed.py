@@ -59,6 +59,11 @@ class EmbedderSpec:
         )
 
 
+def without_query_options(spec: EmbedderSpec) -> EmbedderSpec:
+    """``spec`` less its query-only options: what corpus vectors (and their cache key) depend on."""
+    return replace(spec, extra={k: v for k, v in spec.extra.items() if k not in QUERY_OPTIONS})
+
+
 @dataclass
 class QueryBatch:
     """Queries for an embed job's own actors to embed beside the corpus shards: one model load per actor
@@ -82,8 +87,7 @@ class QueryBatch:
 
     def check_matches(self, spec: EmbedderSpec) -> None:
         """The actors load ``self.spec``: it must differ from the corpus spec in query options only."""
-        corpus_only = replace(self.spec, extra={k: v for k, v in self.spec.extra.items() if k not in QUERY_OPTIONS})
-        if corpus_only != spec:
+        if without_query_options(self.spec) != spec:
             raise ValueError("QueryBatch.spec must be the job's embedder spec plus query options only")
 
 
@@ -423,7 +427,7 @@ def run_embed_job(
             **({"runtime_env": runtime_env} if runtime_env else {}),
         )
         results = out.take_all()
-    query_embeddings = _query_vectors(queries, [r for r in results if r["index"] < 0])
+    query_embeddings = _query_vectors(len(query_items), [r for r in results if r["index"] < 0]) if queries else None
     results = [r for r in results if r["index"] >= 0]
     embed_seconds = time.perf_counter() - t_embed
     manifest = _verify_and_describe(plan, output, results)
@@ -453,13 +457,11 @@ def run_embed_job(
     return EmbedJobResult(output, manifest["rows"], manifest["tokens"], seconds, manifest, query_embeddings)
 
 
-def _query_vectors(queries: QueryBatch | None, results: list[dict]) -> np.ndarray | None:
-    """The query items' vectors, back in ``queries`` order."""
-    if queries is None:
-        return None
+def _query_vectors(n_items: int, results: list[dict]) -> np.ndarray:
+    """The query items' vectors, back in the QueryBatch's order."""
     by_item = {-1 - r["index"]: r for r in results}
-    if sorted(by_item) != list(range(len(queries.items()))):
-        raise RuntimeError(f"query items {sorted(by_item)} came back, expected {len(queries.items())}")
+    if sorted(by_item) != list(range(n_items)):
+        raise RuntimeError(f"query items {sorted(by_item)} came back, expected {n_items}")
     parts = [np.frombuffer(by_item[k]["query_embedding"], dtype=np.float32).reshape(by_item[k]["rows"], by_item[k]["dim"])
              for k in sorted(by_item)]
     return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from bge_ray.batch.embed import EmbedderSpec, QueryBatch
+from bge_ray.batch.embed import EmbedderSpec, QueryBatch, without_query_options
 from bge_ray.batch.teacher import RerankerSpec
 from bge_ray.io.atomic import atomic_path, write_json
 
@@ -157,13 +157,6 @@ def _digest(obj) -> str:
 
 
 # -- corpus embeddings: the embed job's output folder is the cache --------------------------------
-def _corpus_spec(spec: EmbedderSpec) -> EmbedderSpec:
-    """The spec without query-only options, so changing them does not invalidate corpus vectors."""
-    from bge_ray.batch.embed import QUERY_OPTIONS
-
-    return replace(spec, extra={k: v for k, v in spec.extra.items() if k not in QUERY_OPTIONS})
-
-
 def corpus_cache_dir(root: str, spec: EmbedderSpec, dataset_key: str) -> str:
     """``root/{model}/{dataset}/{settings}``: one folder per model, dataset and vector-changing settings."""
     from bge_ray.batch.mine import PASSAGE, cache_settings
@@ -495,7 +488,7 @@ def _run_dataset(args, bench, name, splits, embedder, reranker, ks, num_actors, 
     settings = {
         "corpus": os.path.abspath(corpus_file), "corpus_size": os.path.getsize(corpus_file),
         "corpus_mtime_ns": os.stat(corpus_file).st_mtime_ns,
-        "passage": _digest(cache_settings(_corpus_spec(embedder), PASSAGE)),
+        "passage": _digest(cache_settings(without_query_options(embedder), PASSAGE)),
         "query": _digest(cache_settings(qspec, QUERY)), "search_top_k": args.search_top_k,
         "ignore_identical_ids": args.ignore_identical_ids, "search_method": args.search_method,
         "hybrid_weights": list(args.hybrid_weights) if args.search_method == "hybrid" else None,
@@ -594,7 +587,7 @@ def _search(args, bench, name, display, corpus_file, corpus, data, todo, embedde
 
     t = time.perf_counter()
     key = "corpus" if bench.shared_corpus else display.replace("/", "_")
-    cspec = _corpus_spec(embedder)
+    cspec = without_query_options(embedder)
     from .m3_embed import is_m3
 
     if is_m3(embedder):
