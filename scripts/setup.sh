@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# Create ./.venv and install bge_ray into it. `scripts/setup.sh dev` adds the test/benchmark extra.
+# Create ./.venv and install bge_ray into it at the versions in requirements/lock.txt (the versions
+# the test suite last passed on). `scripts/setup.sh dev` adds the test/benchmark extra.
+#   BGE_RAY_LOCK=none scripts/setup.sh dev   resolves the newest releases pyproject.toml allows instead.
 # Torch is installed first and pinned to 2.13.0: on these machines that is a local CPU wheel,
 # while any looser request would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+LOCK=${BGE_RAY_LOCK:-requirements/lock.txt}
 
 # Run a command, printing its output without pip's warnings about index folders this machine lacks.
 quiet() {
   local log rc=0
   log=$(mktemp)
-  "$@" >"$log" 2>&1 || rc=$?
+  PYTHONWARNINGS=ignore "$@" >"$log" 2>&1 || rc=$?
   grep -v "is ignored: it is neither a file nor a directory" "$log" || true
   rm -f "$log"
   return "$rc"
 }
 
+locked=()
+pip_version=pip
+if [ "$LOCK" != none ]; then
+  [ -f "$LOCK" ] || { echo "setup.sh: lock file $LOCK not found (BGE_RAY_LOCK=none to resolve unlocked)" >&2; exit 1; }
+  locked=(-c "$LOCK")
+  pip_version=$(grep -E '^pip==' "$LOCK" || echo pip)
+fi
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-quiet .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip show -q torch >/dev/null 2>&1 || quiet .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+quiet .venv/bin/python -m pip install -q --upgrade "$pip_version"
+quiet .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 if [ "${1:-}" = "dev" ]; then
-  quiet .venv/bin/python -m pip install -q -e ".[dev]"
+  quiet .venv/bin/python -m pip install -q -e ".[dev]" "${locked[@]}"
 else
-  quiet .venv/bin/python -m pip install -q -e .
+  quiet .venv/bin/python -m pip install -q -e . "${locked[@]}"
 fi

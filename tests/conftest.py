@@ -14,6 +14,9 @@ import pytest  # noqa: E402
 
 from tests import tiny_models  # noqa: E402
 
+# Under CI=true a skip caused by a failed import fails the run.
+pytest_plugins = ["tests.import_guard"]
+
 
 @pytest.fixture(scope="session")
 def shared_data():

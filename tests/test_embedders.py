@@ -13,8 +13,9 @@ import torch
 
 from bge_ray import models
 from bge_ray.models import registry
+from tests.oracle import require
 
-oracle = pytest.importorskip("FlagEmbedding")
+oracle = require("FlagEmbedding")
 
 TOL = 1e-4
 CPU = dict(devices="cpu", use_fp16=False)

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-mteb = pytest.importorskip("mteb")
+from tests.oracle import require
+
+mteb = require("mteb")
 
 N_DOCS = 60
 

@@ -73,7 +73,7 @@ def test_m3_heads_are_merged_too(tiny_m3, tmp_path):
     BGEM3FlagModel(out, devices="cpu", use_fp16=False).encode(["x"], return_sparse=True)
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+@pytest.mark.usefixtures("shared_data")  # fails, not skips, without ../shared
 def test_automatic_weights_sum_to_one_and_favour_the_lower_loss(two_berts, tmp_path):
     a, b = two_berts
     examples = [json.loads(x) for x in open(SHARED / "msmarco.jsonl")][:6]

@@ -155,7 +155,7 @@ def test_group_types_prompts_and_symmetric_tasks():
     assert td.build_groups([row], 0, mixed)[0] == ["<i>Find similar\n<q>q0"]
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+@pytest.mark.usefixtures("shared_data")  # fails, not skips, without ../shared
 def test_flagembedding_example_files_load_through_ray_data(ray_local):
     table, sources = td.load_sources([str(SHARED / "retrieval"), str(SHARED / "classification-no_in_batch_neg")],
                                      per_device_batch_size=4, knowledge_distillation=True)

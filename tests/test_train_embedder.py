@@ -12,6 +12,7 @@ import torch
 
 from bge_ray.train import losses
 from bge_ray.train.arguments import DataArgs, ModelArgs, RayArgs, TrainArgs
+from tests.oracle import require
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -26,7 +27,7 @@ def _rand(b, g, d, seed=0):
 
 def test_losses_equal_flagembedding_definitions():
     """Same inputs through FlagEmbedding's AbsEmbedderModel loss paths and ours."""
-    fe = pytest.importorskip("FlagEmbedding.abc.finetune.embedder.AbsModeling")
+    fe = require("FlagEmbedding.abc.finetune.embedder.AbsModeling")
     from FlagEmbedding.finetune.embedder.encoder_only.base.modeling import BiEncoderOnlyEmbedderModel
 
     q, p, t = _rand(3, 4, 8)
@@ -112,7 +113,8 @@ def test_cross_worker_negatives_equal_one_worker_with_the_whole_batch(ray_local,
     worst = max((two["grads"][k] - one["grads"][k]).abs().max().item() for k in one["grads"])
     scale = max(one["grads"][k].abs().max().item() for k in one["grads"])
     print(f"max |grad difference| {worst:.2e}, largest gradient {scale:.2e}")
-    assert worst <= 1e-5, (worst, scale)
+    # float32 sums in a different order: equal to a few ulps of the largest gradient, not bit for bit.
+    assert worst <= 1e-5 * max(1.0, scale), (worst, scale)
     assert scale > 1e-3  # the comparison is not between zeros
     # Without gathering, two workers see fewer negatives: a different loss (the test can tell them apart).
     apart = _first_step(tiny_bert_nodrop, train, tmp_path / "apart", 2, 2, **{**kw, "negatives_cross_device": False})
@@ -163,7 +165,7 @@ SHARED_FT = Path(__file__).resolve().parents[2] / "shared" / "data" / "finetune"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_FT.is_dir(), reason="../shared/data not present")
+@pytest.mark.usefixtures("shared_data")  # fails, not skips, without ../shared
 def test_job_script_on_flagembedding_example_data(ray_local, tiny_bert, tmp_path):
     """The job's command line with FlagEmbedding's flags, on its example folders: same-dataset batches,
     no-in-batch-neg folders, teacher scores where present, bf16 autocast, gradient checkpointing."""
@@ -201,7 +203,8 @@ def test_gradient_cache_gives_the_whole_batch_gradients(ray_local, tiny_bert_nod
     cached = _first_step(tiny_bert_nodrop, train, tmp_path / "cached", 2, 2, grad_cache=True, sub_batch_size=3, **kw)
     assert cached["loss"] == pytest.approx(plain["loss"], abs=1e-5)
     worst = max((cached["grads"][k] - plain["grads"][k]).abs().max().item() for k in plain["grads"])
-    print(f"grad cache: max |grad difference| {worst:.2e}")
-    assert worst <= 1e-5
+    scale = max(plain["grads"][k].abs().max().item() for k in plain["grads"])
+    print(f"grad cache: max |grad difference| {worst:.2e}, largest gradient {scale:.2e}")
+    assert worst <= 1e-5 * max(1.0, scale), (worst, scale)
     with pytest.raises(ValueError, match="needs --sub_batch_size"):
         _first_step(tiny_bert_nodrop, train, tmp_path / "bad", 1, 4, grad_cache=True)

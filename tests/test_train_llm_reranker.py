@@ -15,6 +15,7 @@ from bge_ray.train.arguments import ModelArgs, RayArgs, TrainArgs
 from bge_ray.train.llm_reranker import LLMRerankerArgs, LLMRerankerTask, PromptPairBuilder, layerwise_loss
 from bge_ray.train.reranker import RerankerDataArgs, group_loss
 from tests import tiny_llm_models as tlm
+from tests.oracle import require
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
                                         "ignore::FutureWarning")
@@ -60,7 +61,7 @@ def _tokenizer(path):
 @pytest.mark.parametrize("which", ["bos", "nobos"])
 def test_prompt_ids_equal_flagembedding_llm_reranker_dataset(which, bos_tok, nobos_tok):
     """Same ids as FlagEmbedding's LLM reranker dataset, with and without bos, truncated or not."""
-    pytest.importorskip("FlagEmbedding")
+    require("FlagEmbedding")
     from FlagEmbedding.abc.finetune.reranker.AbsDataset import AbsLLMRerankerTrainDataset
 
     tok = _tokenizer(bos_tok if which == "bos" else nobos_tok)
@@ -85,7 +86,7 @@ def test_prompt_ids_equal_flagembedding_llm_reranker_dataset(which, bos_tok, nob
 
 def test_llm_loss_equals_flagembedding_decoder_reranker_loss(gemma):
     """The group loss on the 'Yes' logits equals FlagEmbedding's CrossDecoderModel loss on identical inputs."""
-    pytest.importorskip("FlagEmbedding")
+    require("FlagEmbedding")
     from FlagEmbedding.finetune.reranker.decoder_only.base.modeling import CrossDecoderModel
     from transformers import AutoModelForCausalLM
 
@@ -112,7 +113,7 @@ def test_llm_loss_equals_flagembedding_decoder_reranker_loss(gemma):
 
 
 def test_layerwise_loss_equals_flagembedding_layerwise_loss():
-    pytest.importorskip("FlagEmbedding")
+    require("FlagEmbedding")
     from FlagEmbedding.finetune.reranker.decoder_only.layerwise.modeling import CrossDecoderModel
 
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ import torch
 
 from bge_ray.train.arguments import ModelArgs, RayArgs, TrainArgs
 from bge_ray.train.reranker import PairBuilder, RerankerDataArgs, RerankerTask, group_loss
+from tests.oracle import require
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "finetune" / "reranker"
@@ -26,7 +27,7 @@ def _texts():
 
 def test_pairs_equal_flagembedding_training_pairs(tiny_bert):
     """Same token ids as FlagEmbedding's reranker dataset (create_one_example) for long and short texts."""
-    pytest.importorskip("FlagEmbedding")
+    require("FlagEmbedding")
     from FlagEmbedding.abc.finetune.reranker.AbsDataset import AbsRerankerTrainDataset
     from transformers import AutoTokenizer
 
@@ -45,7 +46,7 @@ def test_pairs_equal_flagembedding_training_pairs(tiny_bert):
 
 
 def test_loss_equals_flagembedding_cross_encoder_loss(tiny_bert_nodrop):
-    pytest.importorskip("FlagEmbedding")
+    require("FlagEmbedding")
     from FlagEmbedding.finetune.reranker.encoder_only.base.modeling import CrossEncoderModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -69,7 +70,7 @@ def test_loss_equals_flagembedding_cross_encoder_loss(tiny_bert_nodrop):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+@pytest.mark.usefixtures("shared_data")  # fails, not skips, without ../shared
 def test_reranker_job_trains_and_loads_into_flagreranker(ray_local, tiny_bert_nodrop, tmp_path):
     from bge_ray.models import FlagAutoReranker, FlagReranker
     from bge_ray.train.runner import run_training

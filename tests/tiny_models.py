@@ -43,6 +43,14 @@ def build_unigram_tokenizer(out: Path, vocab_size: int = 800) -> None:
     tok.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, unk_token="<unk>")
     tok.train_from_iterator(_sample_texts(), trainer=trainer)
+    # The trainer returns its pieces in a different order on every run (Rust hash sets): rebuild the
+    # model with the pieces sorted so that token ids, and so every fixture built on them, are the same
+    # in every session.
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    specials = [(p, s) for p, s in vocab if p in SPECIALS]
+    pieces = sorted((p, s) for p, s in vocab if p not in SPECIALS)
+    ordered = specials + pieces
+    tok.model = models.Unigram([(p, round(s, 2)) for p, s in ordered], unk_id=[p for p, _ in ordered].index("<unk>"))
     ids = {t: tok.token_to_id(t) for t in SPECIALS}
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>",
