@@ -220,8 +220,8 @@ def test_template_of_xlmr(xlmr):
     tok = ours.tokenizer
     template = ours.pair_template
     assert template.num_special == tok.num_special_tokens_to_add(pair=True) == 4
-    q, p = tok(["who are you"], add_special_tokens=False)["input_ids"][0], [5, 6]
-    assert template.build(q, p)[0] == tok("who are you", tok.decode(p))["input_ids"]
+    q, p = tok(["who are you", "the river bank"], add_special_tokens=False)["input_ids"]
+    assert template.build(q, p)[0] == tok("who are you", "the river bank")["input_ids"]
 
 
 # -- bad input ---------------------------------------------------------------------------------------

@@ -228,10 +228,12 @@ def test_layerwise_job_from_raw_model_trains_every_cutoff_layer_and_loads(ray_lo
     model, tok = task.build()
     task.save(model, tok, str(start))
     before = [_group_loss(LayerWiseFlagLLMReranker(str(start), **kw), train_file, cutoff_layers=[k]) for k in (2, 3, 4)]
-    # Every trained head ranks the training positives better than before training and than chance
-    # among 6 candidates (ln 6 = 1.79); the best head clearly so.
-    assert all(a < b for a, b in zip(losses, before, strict=True)), (before, losses)
-    assert max(losses) < np.log(6) and min(losses) < np.log(6) - 0.2, losses
+    # Every trained head ranks the training positives better than before training, and the best head
+    # clearly better than chance among 6 candidates (ln 6 = 1.79). (Whether a low layer's head of a
+    # random tiny model also gets below chance in 12 steps depends on its random start.)
+    print("group loss per head before / after:", before, losses)
+    assert all(a < b - 0.2 for a, b in zip(losses, before, strict=True)), (before, losses)
+    assert min(losses) < np.log(6) - 0.2, losses
     # Resuming: the same command with more steps continues from the saved checkpoint.
     _, result2, history2 = _run(minicpm_raw, train_file, out, llm, steps=14)
     assert result2.optimizer_steps == 14 and len(history2) == 14

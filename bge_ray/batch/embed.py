@@ -418,7 +418,7 @@ def run_embed_job(
                                        id_field=corpus.id_field, text_fields=text_fields,
                                        skip_bad=on_bad_record == "skip"),
             # One shard in flight per actor: with Ray Data's default (several) the first actor to
-            # start takes every shard of a small job and the others idle (measured: 2 actors 0.57x 1).
+            # start takes every shard of a small job and the others idle.
             compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=1),
             batch_size=1,
             batch_format="pyarrow",

@@ -19,7 +19,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # Ray starts workers at nice 15, below its own daemons; on a small machine every daemon wake-up
-        # then stalls the model's threads (measured: the embed job 84-87 s -> 77 s on 5000 passages).
+        # then stalls the model's threads (benchmarks/README.md, "Worker niceness").
         os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
@@ -70,8 +70,8 @@ def plan_actors(num_actors: int | None = None, use_gpu: bool | None = None) -> A
     one single-threaded actor per core up to :data:`MAX_DEFAULT_CPU_ACTORS` (threads split beyond).
 
     Why one thread per actor: torch's threads wait on each other at every op, so on a machine that
-    also runs Ray's daemons and the pipeline's reads, independent actors lose less (the embed job on
-    2 cores: 2 actors x 1 thread 1.10x the docs/s of 1 actor x 2 threads; benchmarks/bench_embed_job.py).
+    also runs Ray's daemons and the pipeline's reads, independent actors lose less (benchmarks/README.md,
+    "Actors and threads").
     The cap bounds the model copies in memory on large nodes.
 
     On a small machine the actors must leave Ray Data room to schedule read tasks: actors that

@@ -15,9 +15,7 @@ def keep_freed_memory(block_bytes: int = 32 << 20, keep_bytes: int = 256 << 20) 
     """For a process that runs CPU inference (our actors and replicas): glibc serves blocks up to
     ``block_bytes`` from its heap and keeps up to ``keep_bytes`` freed, instead of mapping fresh pages
     for each activation tensor and unmapping them when the tensor is freed (every page of the next
-    one then faults on first touch).
-
-    Measured on MiniLM-L6, 960 passages, one thread: page faults 250k -> 75k, encode 1.08x faster.
+    one then faults on first touch; figures in benchmarks/README.md, "Allocator").
     Returns False where it does not apply (not Linux / glibc); the process is then left as it was.
     """
     if not sys.platform.startswith("linux"):

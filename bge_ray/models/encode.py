@@ -22,9 +22,8 @@ logger = logging.getLogger(__name__)
 #: Pin host batches before copying them to a GPU (lets the copy overlap compute).
 PIN_MEMORY = True
 
-#: Padded tokens per forward pass on CPU when the caller sets no budget. A pass's activations then
-#: stay in cache: on a 2-core AMD EPYC, fp32, msmarco passages at batch size 64, MiniLM-L6 runs 1.15-1.2x
-#: and a bge-base-shaped model 1.35x the texts/s of uncapped 64-text passes (1024-4096 all close).
+#: Padded tokens per forward pass on CPU when the caller sets no budget: a pass's activations then stay
+#: in cache, which beats uncapped batches on CPU (figures: benchmarks/README.md, "CPU token cap").
 CPU_TOKENS_PER_BATCH = 2048
 
 

@@ -34,8 +34,8 @@ class ReplicaSettings(_Strict):
         None, description="FlagEmbedding model_class (e.g. encoder-only-base) when the registry cannot tell"
     )
     use_fp16: bool = Field(True, description="half precision on GPU replicas (CPU replicas stay fp32)")
-    # Defaults measured on CPU (benchmarks/bench_serve.py): a model call of 8 requests x 8 passages cut
-    # into length-sorted passes of 16 pads far less than one pass of 64; on a GPU raise both.
+    # CPU defaults (benchmarks/README.md, "Serving"): a model call of several requests cut into
+    # length-sorted passes of 16 pads far less than one pass of them all; on a GPU raise both.
     encode_batch_size: int = Field(16, ge=1, description="texts per forward pass inside one model call")
     max_batch_size: int = Field(8, ge=1, description="requests merged into one model call (@serve.batch)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
@@ -166,12 +166,10 @@ class AppSettings(_Strict):
         threads and CPUs were left unset, running one single-threaded model call per core from its one
         request queue, a request per call (unless ``max_batch_size`` was given).
 
-        Why (benchmarks/bench_serve.py --sweep, 2 cores, same run): 2, 4, 8 clients gave 42.4 / 42.9 /
-        39.5 passages/s at p99 617 / 945 / 1932 ms, against 31.5 / 36.3 / 36.8 at 990 / 1529 / 2393 ms
-        for two single-threaded replicas with merged batches (Serve's router can put two requests on
-        one replica while the other idles, and a merged batch runs on one thread) and Infinity's
-        37.6 / 32.8 / 36.3 at 711 / 1275 / 2176 ms. Multi-threaded torch lost more: its threads wait on
-        each other at every op whenever one is descheduled.
+        Why: it gave more passages/s at a lower p99 than two single-threaded replicas with merged
+        batches (Serve's router can put two requests on one replica while the other idles, and a merged
+        batch runs on one thread) and than Infinity; multi-threaded torch lost more, its threads waiting
+        on each other at every op whenever one is descheduled (benchmarks/README.md, "Serving").
         """
         sizing = {"num_replicas", "torch_threads", "model_threads", "num_cpus", "autoscaling_config"}
         models = [*self.embedders, *self.rerankers]
