@@ -9,15 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOCK=${BGE_RAY_LOCK:-requirements/lock.txt}
 
-# Run a command, printing its output without pip's warnings about index folders this machine lacks.
-quiet() {
-  local log rc=0
-  log=$(mktemp)
-  PYTHONWARNINGS=ignore "$@" >"$log" 2>&1 || rc=$?
-  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
-  rm -f "$log"
-  return "$rc"
-}
+source scripts/pip-quiet.sh
 
 locked=()
 pip_version=pip

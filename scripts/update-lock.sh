@@ -21,14 +21,7 @@ for arg in "$@"; do
   esac
 done
 
-quiet() {
-  local log rc=0
-  log=$(mktemp)
-  PYTHONWARNINGS=ignore "$@" >"$log" 2>&1 || rc=$?
-  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
-  rm -f "$log"
-  return "$rc"
-}
+source scripts/pip-quiet.sh
 
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
