@@ -13,6 +13,7 @@ transformers' Llama modules (same weight names, same math) driven by our own lay
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Iterable
@@ -28,6 +29,10 @@ from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrained
 
 from .encode import scatter_rows
 from .llm_reranker import FlagLLMReranker, last_token_index, load_strict, read_config_dict
+
+# The mask builders' `past_key_values` argument is `cache` from transformers 5.24 (the old name warns
+# there and goes in 5.40): say "no cache" under the name this version takes.
+NO_CACHE = {("cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"): None}
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +133,7 @@ class LayerwiseMiniCPM(LlamaPreTrainedModel):
         hidden = base.embed_tokens(input_ids) * cfg.scale_emb
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = create_causal_mask(
-            config=cfg, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
-            position_ids=positions,
+            config=cfg, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=positions, **NO_CACHE,
         )
         rope = base.rotary_emb(hidden, positions)
         branch = cfg.scale_depth / math.sqrt(cfg.num_hidden_layers)

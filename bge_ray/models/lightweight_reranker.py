@@ -29,7 +29,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.models.gemma2.modeling_gemma2 import Gemma2Model, Gemma2PreTrainedModel
 
 from .encode import scatter_rows
-from .layerwise_reranker import LayerWiseFlagLLMReranker, ScoreHead
+from .layerwise_reranker import NO_CACHE, LayerWiseFlagLLMReranker, ScoreHead
 from .llm_reranker import SEGMENT_PROMPT, SEGMENT_QUERY, last_token_index, load_strict, read_config_dict
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ class LightweightGemma2(Gemma2PreTrainedModel):
     def _attention_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         args = dict(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
-            position_ids=positions,
+            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=positions,
+            **NO_CACHE,
         )
         masks = {
             "full_attention": create_causal_mask(**args),
