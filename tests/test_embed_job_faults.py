@@ -65,8 +65,47 @@ def test_interrupted_run_resumes_only_missing_shards(ray_local, sample_corpus, t
 def test_rerun_with_other_settings_is_refused(ray_local, sample_corpus, tmp_path):
     out = tmp_path / "out"
     run_embed_job(CorpusSpec(str(sample_corpus)), str(out), SPEC, rows_per_shard=30, index_kind="none")
-    with pytest.raises(ValueError, match="different job"):
+    with pytest.raises(ValueError, match=r"different job \(shard size, shard boundaries changed\)"):
         run_embed_job(CorpusSpec(str(sample_corpus)), str(out), SPEC, rows_per_shard=20, index_kind="none")
+
+
+def test_weights_replaced_at_the_same_path_refuse_the_resume_and_miss_the_caches(
+        ray_local, sample_corpus, tiny_bert, tmp_path):
+    """A model folder rewritten in place (a fine-tuning run saving over it) is another model: the
+    resumed job refuses to mix its vectors with the old ones, and every vector cache misses."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from bge_ray.batch.mine import PASSAGE, QUERY, EmbeddingCache, cache_settings
+    from bge_ray.eval.runner import corpus_cache_dir
+
+    model = tmp_path / "bge-tiny-bert"
+    shutil.copytree(tiny_bert, model)
+    spec = EmbedderSpec(model=str(model), model_class="encoder-only-base", pooling_method="cls", max_length=32,
+                        batch_size=16, use_fp16=False)
+    out = tmp_path / "out"
+    run_embed_job(CorpusSpec(str(sample_corpus)), str(out), spec, rows_per_shard=30, index_kind="none")
+    _, before = read_embeddings(str(out / "shards"))
+    keys = {role: EmbeddingCache(str(tmp_path / "cache"), cache_settings(spec, role)).key for role in (PASSAGE, QUERY)}
+    eval_dir = corpus_cache_dir(str(tmp_path / "emb"), spec, "msmarco")
+    # Unchanged files: the same identity (a rerun resumes, the caches hit).
+    assert keys[PASSAGE] == EmbeddingCache(str(tmp_path / "cache"), cache_settings(spec, PASSAGE)).key
+    assert run_embed_job(CorpusSpec(str(sample_corpus)), str(out), spec, rows_per_shard=30,
+                         index_kind="none").manifest["skipped_shards"] == 2
+
+    weights = load_file(str(model / "model.safetensors"))
+    save_file({k: v * 1.5 for k, v in weights.items()}, str(model / "model.safetensors"), metadata={"format": "pt"})
+
+    with pytest.raises(ValueError, match=r"different job \(model files changed\)"):
+        run_embed_job(CorpusSpec(str(sample_corpus)), str(out), spec, rows_per_shard=30, index_kind="none")
+    for role in (PASSAGE, QUERY):
+        assert EmbeddingCache(str(tmp_path / "cache"), cache_settings(spec, role)).key != keys[role]
+    assert corpus_cache_dir(str(tmp_path / "emb"), spec, "msmarco") != eval_dir
+    # --overwrite embeds again with the new weights.
+    run_embed_job(CorpusSpec(str(sample_corpus)), str(out), spec, rows_per_shard=30, index_kind="none",
+                  overwrite=True)
+    _, after = read_embeddings(str(out / "shards"))
+    assert after.shape == before.shape and not np.allclose(after, before, atol=1e-3)
 
 
 def _write(path, lines):

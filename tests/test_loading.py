@@ -47,3 +47,26 @@ def test_unknown_local_folders_are_inspected(tiny_bert, tiny_m3, tiny_qwen2, tin
     shutil.copytree(bundled_model_path(), st)
     model = FlagAutoModel.from_finetuned(str(st), devices="cpu")
     assert type(model).__name__ == "FlagModel" and model.pooling_method == "mean"
+
+
+def test_model_fingerprint_follows_the_files_not_the_path(tmp_path):
+    import os
+
+    from bge_ray.models.fingerprint import model_fingerprint
+
+    folder = tmp_path / "m"
+    (folder / "1_Pooling").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (folder / ".cache").mkdir()
+    first = model_fingerprint(str(folder))
+    assert first.startswith(f"dir:{folder}:") and model_fingerprint(str(folder)) == first
+    (folder / ".cache" / "lock").write_text("x")  # hidden entries are not the model
+    assert model_fingerprint(str(folder)) == first
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": true}')  # a nested file
+    assert model_fingerprint(str(folder)) != first
+    second = model_fingerprint(str(folder))
+    os.utime(folder / "config.json", ns=(1, 1))  # rewritten with the same size
+    assert model_fingerprint(str(folder)) != second
+    assert model_fingerprint("BAAI/not-downloaded-anywhere") == "hub:BAAI/not-downloaded-anywhere@main"
+    assert model_fingerprint(None) == model_fingerprint("all-MiniLM-L6-v2")

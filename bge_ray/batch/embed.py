@@ -41,6 +41,12 @@ class EmbedderSpec:
     passage_instruction: str | None = None
     extra: dict = field(default_factory=dict)
 
+    def model_fingerprint(self) -> str:
+        """The model's files as they are now (:func:`bge_ray.models.fingerprint.model_fingerprint`)."""
+        from bge_ray.models.fingerprint import model_fingerprint
+
+        return model_fingerprint(self.model, self.extra.get("cache_dir"), self.extra.get("revision"))
+
     def load(self, devices=None):
         from bge_ray.models.auto import FlagAutoModel
 
@@ -326,8 +332,19 @@ def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None,
         "text_fields": list(corpus.text_fields) if corpus.text_fields else None,
         "rows_per_shard": rows_per_shard,
         "embedder": asdict(spec),
+        # Weights replaced at the same path make this a different job: a rerun refuses to mix vectors.
+        "model_fingerprint": spec.model_fingerprint(),
         "shards": shards,
     }
+
+
+def _plan_changes(old: dict, new: dict) -> str:
+    """The parts of a plan that differ, for the error a rerun into another job's output gets."""
+    names = {"input": "input", "files": "input files", "format": "format", "id_field": "id field",
+             "text_fields": "text fields", "rows_per_shard": "shard size", "embedder": "model settings",
+             "model_fingerprint": "model files", "shards": "shard boundaries"}
+    changed = [label for key, label in names.items() if old.get(key) != new.get(key)]
+    return ", ".join(changed) or "the plan format"
 
 
 def run_embed_job(
@@ -384,8 +401,8 @@ def run_embed_job(
     if old is not None:
         if old.get("digest") != digest:
             raise ValueError(
-                f"{output} holds the output of a different job (input files, fields, model or shard size "
-                f"changed); pass --overwrite to replace it or choose another --output"
+                f"{output} holds the output of a different job ({_plan_changes(old, plan)} changed); pass "
+                f"--overwrite to replace it or choose another --output"
             )
     elif os.path.isdir(shard_dir) and os.listdir(shard_dir):
         raise ValueError(f"{shard_dir} holds shards but no plan.json; pass --overwrite or choose another --output")

@@ -102,22 +102,6 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def _model_fingerprint(model: str | None, extra: dict) -> str:
-    """The model's identity: a local folder by its files' names, sizes and mtimes; a hub name as is."""
-    from bge_ray.models.loading import BUNDLED_MODEL_NAMES, bundled_model_path
-
-    path = bundled_model_path() if model is None or str(model) in BUNDLED_MODEL_NAMES else str(model)
-    if not os.path.isdir(path):
-        return f"hub:{path}@{extra.get('revision', 'main')}"
-    entries = []
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if not name.startswith(".") and os.path.isfile(full):
-            st = os.stat(full)
-            entries.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
-    return f"dir:{os.path.abspath(path)}:" + hashlib.sha256("|".join(entries).encode()).hexdigest()[:16]
-
-
 def cache_settings(spec: EmbedderSpec, role: str) -> dict:
     """What the vectors of ``role`` depend on: not batch sizes, download options, or the other role's options."""
     settings = {k: v for k, v in asdict(spec).items() if k not in ("batch_size", "max_tokens_per_batch", "extra")}
@@ -127,7 +111,7 @@ def cache_settings(spec: EmbedderSpec, role: str) -> dict:
         settings.pop("passage_instruction")
     else:
         extra = {k: v for k, v in extra.items() if k not in QUERY_OPTIONS}
-    settings.update(extra=extra, role=role, model_fingerprint=_model_fingerprint(spec.model, spec.extra))
+    settings.update(extra=extra, role=role, model_fingerprint=spec.model_fingerprint())
     return settings
 
 
