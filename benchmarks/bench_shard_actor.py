@@ -44,8 +44,9 @@ def main(argv=None):
 
     from transformers import AutoConfig
 
-    from bge_ray.batch.embed import EmbedderSpec, ShardEmbedActor
+    from bge_ray.batch.embed import ShardEmbedActor
     from bge_ray.io.sharding import plan_file
+    from bge_ray.models.spec import EmbedderSpec
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_shard_"))
     model_dir = build_random_checkpoint(args.arch, tmp / args.arch, args.tokenizer)

@@ -19,10 +19,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bge_ray.batch.cli import MAX_TOKENS_HELP  # noqa: E402
-from bge_ray.batch.embed import EmbedderSpec, run_embed_job  # noqa: E402
+from bge_ray.batch.embed import run_embed_job  # noqa: E402
 from bge_ray.batch.runtime import init_ray  # noqa: E402
 from bge_ray.index.faiss_index import INDEX_KINDS  # noqa: E402
 from bge_ray.io.readers import CorpusSpec  # noqa: E402
+from bge_ray.models.spec import EmbedderSpec  # noqa: E402
 
 SAMPLE_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bge_ray", "data", "sample_corpus.jsonl")
 

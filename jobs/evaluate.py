@@ -26,11 +26,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bge_ray.batch.cli import MAX_TOKENS_HELP, actors_for_devices, hf_bool  # noqa: E402
-from bge_ray.batch.embed import EmbedderSpec  # noqa: E402
-from bge_ray.batch.teacher import RerankerSpec  # noqa: E402
 from bge_ray.eval.datasets import BENCHMARKS  # noqa: E402
 from bge_ray.eval.runner import SEARCH_METHODS, EvalArgs, run_evaluation  # noqa: E402
 from bge_ray.models.registry import EMBEDDER_CLASSES, RERANKER_CLASSES  # noqa: E402
+from bge_ray.models.spec import (
+    EmbedderSpec,  # noqa: E402
+    RerankerSpec,  # noqa: E402
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,10 +18,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bge_ray.batch.cli import MAX_TOKENS_HELP, actors_for_devices, hf_bool  # noqa: E402
-from bge_ray.batch.embed import EmbedderSpec  # noqa: E402
 from bge_ray.batch.mine import AUTO_INSTRUCTION, MineConfig, mine_hard_negatives  # noqa: E402
 from bge_ray.batch.runtime import init_ray  # noqa: E402
 from bge_ray.models.registry import EMBEDDER_CLASSES  # noqa: E402
+from bge_ray.models.spec import EmbedderSpec  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

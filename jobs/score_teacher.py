@@ -16,8 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bge_ray.batch.cli import actors_for_devices, hf_bool  # noqa: E402
 from bge_ray.batch.runtime import init_ray  # noqa: E402
-from bge_ray.batch.teacher import RerankerSpec, add_teacher_scores  # noqa: E402
+from bge_ray.batch.teacher import add_teacher_scores  # noqa: E402
 from bge_ray.models.registry import RERANKER_CLASSES  # noqa: E402
+from bge_ray.models.spec import RerankerSpec  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

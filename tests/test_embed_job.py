@@ -12,10 +12,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bge_ray.batch.embed import EmbedderSpec, QueryBatch, run_embed_job
+from bge_ray.batch.embed import QueryBatch, run_embed_job
 from bge_ray.index.faiss_index import load_index, search
 from bge_ray.io.readers import CorpusSpec
 from bge_ray.io.shards import read_embeddings
+from bge_ray.models.spec import EmbedderSpec
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray

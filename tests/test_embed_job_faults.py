@@ -8,9 +8,10 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from bge_ray.batch.embed import EmbedderSpec, run_embed_job
+from bge_ray.batch.embed import run_embed_job
 from bge_ray.io.readers import CorpusSpec
 from bge_ray.io.shards import read_embeddings
+from bge_ray.models.spec import EmbedderSpec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SPEC = EmbedderSpec(max_length=32, batch_size=16)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bge_ray.batch.embed import EmbedderSpec
 from bge_ray.eval.runner import EvalArgs, run_evaluation
+from bge_ray.models.spec import EmbedderSpec
 
 pytestmark = pytest.mark.ray
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bge_ray.batch.embed import EmbedderSpec
-from bge_ray.batch.teacher import RerankerSpec
 from bge_ray.eval.runner import EvalArgs, run_evaluation
+from bge_ray.models.spec import EmbedderSpec, RerankerSpec
 
 pytestmark = pytest.mark.ray
 

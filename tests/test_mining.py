@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bge_ray.batch.embed import EmbedderSpec
 from bge_ray.batch.mine import MineConfig, embed_with_cache, mine_hard_negatives, select_negatives
-from bge_ray.batch.teacher import RerankerSpec, add_teacher_scores
+from bge_ray.batch.teacher import add_teacher_scores
 from bge_ray.io.training_data import TrainingDataError, read_training_jsonl
+from bge_ray.models.spec import EmbedderSpec, RerankerSpec
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 64

@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -17,57 +17,12 @@ import pyarrow.parquet as pq
 
 from bge_ray.io.readers import CorpusSpec
 from bge_ray.io.shards import embedding_array, read_embeddings, shard_files
+from bge_ray.models.spec import EmbedderSpec, without_query_options
 
 logger = logging.getLogger(__name__)
 
-#: EmbedderSpec.extra keys that only change query vectors.
-QUERY_OPTIONS = ("query_instruction_for_retrieval", "query_instruction_format", "query_max_length")
 #: Queries per work item when a job embeds queries beside its shards (a big query set spreads over actors).
 QUERIES_PER_ITEM = 4096
-
-
-@dataclass
-class EmbedderSpec:
-    """What each actor loads: a model name or folder plus FlagModel-style options."""
-
-    model: str | None = None  # None: the bundled all-MiniLM-L6-v2
-    model_class: str | None = None  # FlagAutoModel model_class; None: from the registry / checkpoint
-    pooling_method: str | None = None
-    normalize_embeddings: bool = True
-    use_fp16: bool = True
-    max_length: int = 512
-    batch_size: int = 256
-    max_tokens_per_batch: int | None = None
-    passage_instruction: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    def model_fingerprint(self) -> str:
-        """The model's files as they are now (:func:`bge_ray.models.fingerprint.model_fingerprint`)."""
-        from bge_ray.models.fingerprint import model_fingerprint
-
-        return model_fingerprint(self.model, self.extra.get("cache_dir"), self.extra.get("revision"))
-
-    def load(self, devices=None):
-        from bge_ray.models.auto import FlagAutoModel
-
-        return FlagAutoModel.from_finetuned(
-            self.model,
-            model_class=self.model_class,
-            pooling_method=self.pooling_method,
-            normalize_embeddings=self.normalize_embeddings,
-            use_fp16=self.use_fp16,
-            devices=devices,
-            batch_size=self.batch_size,
-            passage_max_length=self.max_length,
-            max_tokens_per_batch=self.max_tokens_per_batch,
-            passage_instruction_for_retrieval=self.passage_instruction,
-            **self.extra,
-        )
-
-
-def without_query_options(spec: EmbedderSpec) -> EmbedderSpec:
-    """``spec`` less its query-only options: what corpus vectors (and their cache key) depend on."""
-    return replace(spec, extra={k: v for k, v in spec.extra.items() if k not in QUERY_OPTIONS})
 
 
 @dataclass

@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import pyarrow as pa
 
-from bge_ray.batch.embed import QUERY_OPTIONS, EmbedActor, EmbedderSpec, dense_vectors, embed_dataset
+from bge_ray.batch.embed import EmbedActor, dense_vectors, embed_dataset
 from bge_ray.io.atomic import atomic_path, write_json
 from bge_ray.io.shards import embedding_array, shard_files, to_numpy
 from bge_ray.io.training_data import TrainingDataError, read_candidate_pool, read_training_jsonl, write_jsonl
+from bge_ray.models.spec import QUERY_OPTIONS, EmbedderSpec
 
 from .cli import actors_for_devices, hf_bool
 

@@ -6,56 +6,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from bge_ray.io.training_data import read_training_jsonl, write_jsonl
+from bge_ray.models.spec import RerankerSpec
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RerankerSpec:
-    """What each scoring actor loads: a reranker name or folder plus FlagAutoReranker options."""
-
-    model: str
-    model_class: str | None = None  # FlagAutoReranker model_class; None: from the registry / checkpoint
-    use_fp16: bool = True
-    use_bf16: bool = False
-    batch_size: int = 128
-    query_max_length: int | None = None
-    max_length: int = 512
-    normalize: bool = False
-    query_instruction_for_rerank: str | None = None
-    query_instruction_format: str = "{}{}"
-    passage_instruction_for_rerank: str | None = None
-    passage_instruction_format: str = "{}{}"
-    trust_remote_code: bool | None = None
-    # Family options (prompt, cutoff_layers, compress_ratio, compress_layers, cache_dir, ...), only set ones.
-    extra: dict = field(default_factory=dict)
-
-    def load(self, devices=None):
-        from bge_ray.models.auto import FlagAutoReranker
-
-        return FlagAutoReranker.from_finetuned(
-            self.model,
-            model_class=self.model_class,
-            use_fp16=self.use_fp16,
-            use_bf16=self.use_bf16,
-            trust_remote_code=self.trust_remote_code,
-            devices=devices,
-            batch_size=self.batch_size,
-            query_max_length=self.query_max_length,
-            max_length=self.max_length,
-            normalize=self.normalize,
-            query_instruction_for_rerank=self.query_instruction_for_rerank,
-            query_instruction_format=self.query_instruction_format,
-            passage_instruction_for_rerank=self.passage_instruction_for_rerank,
-            passage_instruction_format=self.passage_instruction_format,
-            **{k: v for k, v in self.extra.items() if v is not None},
-        )
 
 
 class RerankActor:

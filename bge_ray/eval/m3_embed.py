@@ -13,8 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bge_ray.batch.embed import EmbedActor, EmbedderSpec
+from bge_ray.batch.embed import EmbedActor
 from bge_ray.io.atomic import atomic_path, write_json
+from bge_ray.models.spec import EmbedderSpec
 
 logger = logging.getLogger(__name__)
 

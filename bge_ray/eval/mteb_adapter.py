@@ -28,7 +28,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the optional package
     raise ImportError("bge_ray.eval.mteb_adapter needs the optional package mteb (pip install mteb)") from exc
 
-from bge_ray.batch.embed import EmbedderSpec
+from bge_ray.models.spec import EmbedderSpec
 
 
 class MtebEncoder(AbsEncoder):

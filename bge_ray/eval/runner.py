@@ -25,9 +25,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from bge_ray.batch.embed import EmbedderSpec, QueryBatch, without_query_options
-from bge_ray.batch.teacher import RerankerSpec
+from bge_ray.batch.embed import QueryBatch
 from bge_ray.io.atomic import atomic_path, write_json
+from bge_ray.models.spec import EmbedderSpec, RerankerSpec, without_query_options
 
 from . import datasets as ds
 from .metrics import evaluate as ir_metrics
