@@ -43,12 +43,14 @@ status="not run (--no-test)"
 if [ "$run_tests" = 1 ]; then
   if ! CI=true "$VENV/bin/python" -m pytest -rs "${pytest_args[@]}"; then
     echo "update-lock.sh: the suite failed on the new versions; requirements/lock.txt is unchanged." >&2
-    diff requirements/lock.txt "$new" | grep -E '^[<>] [^#]' >&2 || true
+    { diff requirements/lock.txt "$new" || true; } | grep -E '^[<>] [^#]' >&2 || true
     exit 1
   fi
 fi
 if [ -f requirements/lock.txt ]; then
-  diff requirements/lock.txt "$new" | grep -E '^[<>] [^#]' || echo "update-lock.sh: no version changed"
+  # diff exits 1 when the files differ, which pipefail would report as the pipeline's failure.
+  changes=$( { diff requirements/lock.txt "$new" || true; } | grep -E '^[<>] [^#]' || true)
+  echo "${changes:-update-lock.sh: no version changed}"
 fi
 mv "$new" requirements/lock.txt
 echo "update-lock.sh: requirements/lock.txt updated"
