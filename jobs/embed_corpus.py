@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--id-field", default=None)
     p.add_argument("--text-fields", default=None, help="comma-separated, joined by a space (default: title,text)")
     p.add_argument("--format", default=None, choices=["json", "parquet", "csv"])
+    p.add_argument("--outputs", default="dense",
+                   help="comma-separated: dense (column embedding), sparse (token id -> weight) and colbert "
+                        "(a vector per token); sparse and colbert need a BGE-M3 model")
     p.add_argument("--index", default="flat", choices=[*INDEX_KINDS, "none"])
     p.add_argument("--no-fp16", dest="use_fp16", action="store_false", help="fp32 on GPU")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
     result = run_embed_job(
         corpus, args.output, spec, num_actors=args.num_actors, use_gpu=args.use_gpu,
         rows_per_shard=args.rows_per_shard, index_kind=args.index, on_bad_record=args.on_bad_record,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, outputs=args.outputs,
     )
     print(result.summary())
     return 0

@@ -1,9 +1,10 @@
-"""Corpus embedding on Ray Data: the embedding actor stage shared by every job, and the resumable
-``embed_corpus`` pipeline (plan shards -> actors read, embed and commit each shard -> manifest ->
-faiss index)."""
+"""The corpus embedding job, one streaming Ray Data pipeline: planned shards -> read and tokenise
+(CPU tasks) -> the model actor pool (:mod:`bge_ray.batch.stage`) -> commit each shard (CPU tasks,
+temp + rename) -> manifest, written last -> faiss index. Resumable shard by shard."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,13 +17,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_ray.io.readers import CorpusSpec
-from bge_ray.io.shards import embedding_array, read_embeddings, shard_files
+from bge_ray.io.shards import colbert_array, embedding_array, read_embeddings, shard_files, sparse_array
 from bge_ray.models.spec import EmbedderSpec, without_query_options
+
+from .stage import PASSAGE, QUERY, Vectors, item_row, model_stage, parse_outputs, to_table
 
 logger = logging.getLogger(__name__)
 
 #: Queries per work item when a job embeds queries beside its shards (a big query set spreads over actors).
 QUERIES_PER_ITEM = 4096
+
+#: Largest automatic shard when ColBERT vectors are written (one float32 vector per token per row).
+COLBERT_ROWS_PER_SHARD = 2048
 
 
 @dataclass
@@ -30,7 +36,8 @@ class QueryBatch:
     """Queries for an embed job's own actors to embed beside the corpus shards: one model load per actor
     and no second actor pool (whose start-up, on a small CPU node, takes the cores the first one needs).
 
-    ``spec`` is the job's spec plus query-only options (:data:`QUERY_OPTIONS` in ``extra``).
+    ``spec`` is the job's spec plus query-only options (:data:`QUERY_OPTIONS` in ``extra``); the
+    queries get the job's outputs (dense, sparse, colbert).
     """
 
     ids: list[str]
@@ -42,105 +49,14 @@ class QueryBatch:
             raise ValueError(f"{len(self.ids)} query ids but {len(self.texts)} query texts")
 
     def items(self) -> list[dict]:
-        """Work items (negative indices, so they never collide with shard numbers)."""
-        return [{"index": -1 - k, "query_texts": self.texts[s : s + QUERIES_PER_ITEM]}
+        """Work items (negative numbers, so they never collide with shard numbers)."""
+        return [item_row(-1 - k, QUERY, self.ids[s : s + QUERIES_PER_ITEM], self.texts[s : s + QUERIES_PER_ITEM])
                 for k, s in enumerate(range(0, len(self.texts), QUERIES_PER_ITEM))]
 
     def check_matches(self, spec: EmbedderSpec) -> None:
         """The actors load ``self.spec``: it must differ from the corpus spec in query options only."""
         if without_query_options(self.spec) != spec:
             raise ValueError("QueryBatch.spec must be the job's embedder spec plus query options only")
-
-
-def dense_vectors(model, encode, texts: list[str], batch_size: int) -> np.ndarray:
-    """``encode(texts)`` (a model's encode_queries / encode_corpus) as a float32 matrix; for M3 models
-    the dense head only (lexical and ColBERT outputs are skipped, not computed and dropped)."""
-    kwargs = {"batch_size": batch_size}
-    if type(model).__name__ == "BGEM3FlagModel":
-        kwargs.update(return_dense=True, return_sparse=False, return_colbert_vecs=False)
-    emb = encode(texts, **kwargs)
-    emb = emb["dense_vecs"] if isinstance(emb, dict) else emb
-    return np.asarray(emb, dtype=np.float32).reshape(len(texts), -1)
-
-
-class EmbedActor:
-    """Ray Data callable class: loads the model once, embeds each incoming batch of rows."""
-
-    def __init__(self, spec: EmbedderSpec, torch_threads: int | None = None):
-        from .runtime import actor_device
-
-        self.spec = spec
-        self.model = spec.load(devices=actor_device(torch_threads))
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch["text"].to_pylist()
-        emb = self.model.encode_corpus(texts, batch_size=self.spec.batch_size, max_length=self.spec.max_length)
-        n_tokens = self.model.last_token_counts
-        return pa.table(
-            {
-                "id": batch["id"],
-                "embedding": embedding_array(emb),
-                "n_tokens": pa.array(n_tokens, type=pa.int32()),
-            }
-        )
-
-
-def embed_dataset(
-    ds,
-    spec: EmbedderSpec,
-    plan,
-    rows_per_call: int = 1024,
-    actor_class: type = EmbedActor,
-):
-    """Ray Data stage: ``{id, text}`` rows -> ``{id, embedding, n_tokens}`` through an actor pool.
-
-    ``plan`` is a :class:`bge_ray.batch.runtime.ActorPlan`; every caller (the embed job, mining,
-    evaluation) goes through here so models load once per actor and batches stay model-sized.
-    """
-    from ray.data import ActorPoolStrategy
-
-    return ds.map_batches(
-        actor_class,
-        fn_constructor_kwargs={"spec": spec, "torch_threads": plan.torch_threads},
-        compute=ActorPoolStrategy(size=plan.num_actors),
-        batch_size=rows_per_call,
-        batch_format="pyarrow",
-        num_cpus=plan.num_cpus,
-        num_gpus=plan.num_gpus,
-    )
-
-
-def embed_texts(
-    ids: list[str],
-    texts: list[str],
-    spec: EmbedderSpec,
-    num_actors: int | None = None,
-    use_gpu: bool | None = None,
-    rows_per_call: int = 1024,
-) -> np.ndarray:
-    """Embed in-memory texts on the Ray actor pool; rows come back in input order."""
-    import ray.data
-
-    from bge_ray.io.shards import to_numpy
-
-    from .runtime import call_blocks, plan_actors
-
-    if len(ids) != len(texts):
-        raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
-    plan = plan_actors(num_actors, use_gpu)
-    order = {i: n for n, i in enumerate(ids)}
-    if len(order) != len(ids):
-        raise ValueError("ids passed to embed_texts must be unique")
-    table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())})
-    blocks, plan = call_blocks(table, rows_per_call, plan)
-    ds = ray.data.from_arrow(blocks)
-    out = None
-    for batch in embed_dataset(ds, spec, plan, rows_per_call).iter_batches(batch_format="pyarrow", batch_size=None):
-        emb = to_numpy(batch["embedding"])
-        if out is None:
-            out = np.zeros((len(ids), emb.shape[1]), dtype=np.float32)
-        out[[order[i] for i in batch["id"].to_pylist()]] = emb
-    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
 @dataclass
@@ -150,7 +66,12 @@ class EmbedJobResult:
     tokens: int
     seconds: float
     manifest: dict
-    query_embeddings: np.ndarray | None = None  # the job's QueryBatch, in its order
+    query_vectors: Vectors | None = None  # the job's QueryBatch, in its order
+
+    @property
+    def query_embeddings(self) -> np.ndarray | None:
+        """The QueryBatch's dense vectors."""
+        return None if self.query_vectors is None else self.query_vectors.dense
 
     def summary(self) -> str:
         m = self.manifest
@@ -165,87 +86,67 @@ class EmbedJobResult:
         )
 
 
-class ShardEmbedActor(EmbedActor):
-    """Reads one planned shard, embeds it and commits ``shards/part-NNNNN.parquet`` (temp + rename).
+def read_shard_item(meta: dict, id_field, text_fields, skip_bad: bool, fs=None) -> tuple[list, list, dict]:
+    """The prepare stage's reader: one planned shard's ids and texts; bad records in ``meta``."""
+    from bge_ray.io.sharding import Shard, read_shard
 
-    A retried call (the actor died) rewrites the same name, so every shard lands exactly once.
-    A query item (:class:`QueryBatch`) is embedded with ``encode_queries`` and its vectors returned.
-    """
-
-    def __init__(self, spec: EmbedderSpec, torch_threads: int | None, output: str, id_field, text_fields,
-                 skip_bad: bool, fs=None):
-        import psutil
-
-        self.init_started = time.time()
-        self.process_started = psutil.Process().create_time()
-        super().__init__(spec, torch_threads)
-        self.init_seconds = time.time() - self.init_started
-        self.output, self.id_field, self.text_fields = output, id_field, text_fields
-        self.skip_bad, self.fs = skip_bad, fs
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from bge_ray.io.sharding import Shard, read_shard
-
-        out = []
-        for d in batch.to_pylist():
-            started = time.time()
-            t0 = time.perf_counter()
-            if d.get("query_texts") is not None:
-                out.append(self._embed_queries(d, started, t0))
-                continue
-            d = {k: v for k, v in d.items() if k != "query_texts"}
-            shard = Shard(**d)
-            _maybe_inject_fault(self.output, shard.index)
-            rows, bad = read_shard(shard, self.id_field, self.text_fields, self.fs, self.skip_bad)
-            emb = self.model.encode_corpus(rows["text"].to_pylist(), batch_size=self.spec.batch_size,
-                                           max_length=self.spec.max_length)
-            dim = self.model.dim if len(rows) == 0 else emb.shape[1]
-            emb = np.asarray(emb, dtype=np.float32).reshape(len(rows), dim)
-            n_tokens = np.asarray(self.model.last_token_counts, dtype=np.int32)
-            table = pa.table({"id": rows["id"], "embedding": embedding_array(emb), "n_tokens": pa.array(n_tokens)})
-            write_parquet_atomic(table, os.path.join(self.output, "shards", shard.name))
-            out.append(self._record(shard.index, len(rows), int(n_tokens.sum()), dim, started, t0,
-                                    bad=json.dumps(bad[:20]), n_bad=len(bad)))
-        return pa.Table.from_pylist(out, schema=_RESULT_SCHEMA)
-
-    def _embed_queries(self, item: dict, started: float, t0: float) -> dict:
-        texts = item["query_texts"]
-        emb = dense_vectors(self.model, self.model.encode_queries, texts, self.spec.batch_size)
-        tokens = int(np.sum(self.model.last_token_counts)) if texts else 0
-        return self._record(item["index"], len(texts), tokens, emb.shape[1], started, t0,
-                            query_embedding=emb.tobytes())
-
-    def _record(self, index, rows, tokens, dim, started, t0, bad="[]", n_bad=0, query_embedding=None) -> dict:
-        return {"index": index, "rows": rows, "tokens": tokens, "dim": dim, "bad": bad, "n_bad": n_bad,
-                "seconds": time.perf_counter() - t0, "started": started, "init_started": self.init_started,
-                "init_seconds": self.init_seconds, "process_started": self.process_started,
-                "query_embedding": query_embedding}
+    shard = Shard(**{k: meta[k] for k in ("index", "file", "format", "start", "rows", "offset", "first_line")})
+    rows, bad = read_shard(shard, id_field, text_fields, fs, skip_bad)
+    return rows["id"].to_pylist(), rows["text"].to_pylist(), {**meta, "n_bad": len(bad), "bad": bad[:20]}
 
 
-# One schema for shard and query results (Ray Data concatenates them).
-_RESULT_SCHEMA = pa.schema([
-    ("index", pa.int64()), ("rows", pa.int64()), ("tokens", pa.int64()), ("dim", pa.int64()), ("bad", pa.string()),
-    ("n_bad", pa.int64()), ("seconds", pa.float64()), ("started", pa.float64()), ("init_started", pa.float64()),
-    ("init_seconds", pa.float64()), ("process_started", pa.float64()), ("query_embedding", pa.binary()),
-])
+def shard_table(v: Vectors, outputs: tuple[str, ...], colbert_dim: int | None) -> pa.Table:
+    """One shard's parquet table: ``id``, the asked outputs, ``n_tokens``."""
+    cols = {"id": pa.array(v.ids, pa.string())}
+    if "dense" in outputs:
+        cols["embedding"] = embedding_array(v.dense)
+    if "sparse" in outputs:
+        cols["sparse"] = sparse_array(v.sparse)
+    if "colbert" in outputs:
+        cols["colbert"] = colbert_array(v.colbert, colbert_dim)
+    cols["n_tokens"] = pa.array(v.n_tokens, pa.int32())
+    return pa.table(cols)
 
 
-def _maybe_inject_fault(output: str, shard_index: int) -> None:
-    """Test hook: ``BGE_RAY_FAULT=exit:N`` kills the actor process (once) when it reaches shard N,
-    ``raise:N`` raises instead; the marker file makes the fault happen on the first attempt only."""
-    spec = os.environ.get("BGE_RAY_FAULT", "")
-    if not spec:
-        return
-    kind, _, n = spec.partition(":")
-    if str(shard_index) != n:
-        return
-    marker = os.path.join(output, f".fault-{shard_index}")
-    if os.path.exists(marker):
-        return
-    open(marker, "w").close()
-    if kind == "exit":
-        os._exit(1)
-    raise RuntimeError(f"injected failure at shard {shard_index}")
+def commit_items(batch: pa.Table, output: str, outputs: tuple[str, ...]) -> pa.Table:
+    """Ray Data task, the commit stage: write each shard item as ``shards/part-NNNNN.parquet`` (temp +
+    rename, so a retried or rerun shard lands whole, once) and pass on its record without vectors;
+    query items pass through with their vectors."""
+    rows = batch.to_pylist()
+    for row in rows:
+        if row["role"] != PASSAGE:
+            continue
+        t0 = time.perf_counter()
+        meta = json.loads(row["meta"])
+        v = Vectors.from_result(row)
+        write_parquet_atomic(shard_table(v, outputs, row["colbert_dim"]),
+                             os.path.join(output, "shards", f"part-{row['item']:05d}.parquet"))
+        meta.update(committed_rows=len(v.ids), tokens=int(v.n_tokens.sum()) if len(v.ids) else 0,
+                    commit_seconds=round(time.perf_counter() - t0, 4))
+        row.update(meta=json.dumps(meta), ids=[], dense=None, sparse_ids=None, sparse_weights=None,
+                   sparse_counts=None, colbert=None, colbert_counts=None, n_tokens=None)
+    return to_table(rows)
+
+
+class Progress:
+    """One log line per committed shard: rows and tokens done, rows/s, ETA (driver-side, per shard)."""
+
+    def __init__(self, planned_rows: int, shards: int, done_rows: int = 0):
+        self.total, self.shards, self.rows, self.tokens, self.done = planned_rows, shards, done_rows, 0, 0
+        self.start_rows, self.t0 = done_rows, time.perf_counter()
+
+    def add(self, index: int, rows: int, tokens: int) -> str:
+        self.done += 1
+        self.rows += rows
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.t0
+        rate = (self.rows - self.start_rows) / elapsed if elapsed > 0 else 0.0
+        left = max(0, self.total - self.rows)
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        line = (f"shard {index} committed ({self.done}/{self.shards} this run): {self.rows}/{self.total} rows, "
+                f"{self.tokens} tokens, {rate:.1f} rows/s, ETA {eta}")
+        logger.info(line)
+        return line
 
 
 def write_parquet_atomic(table: pa.Table, path: str) -> None:
@@ -255,8 +156,9 @@ def write_parquet_atomic(table: pa.Table, path: str) -> None:
         pq.write_table(table, tmp)
 
 
-def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None, num_actors: int = 1) -> dict:
-    """The job's identity: inputs (with sizes and mtimes), fields, model and shard boundaries.
+def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None, num_actors: int = 1,
+             outputs: tuple[str, ...] = ("dense",)) -> dict:
+    """The job's identity: inputs (with sizes and mtimes), fields, model, outputs and shard boundaries.
 
     ``rows_per_shard=None`` sizes shards from the input and the actor count (``auto_rows_per_shard``).
     """
@@ -265,12 +167,15 @@ def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None,
     from bge_ray.io.readers import detect_format, expand_paths
     from bge_ray.io.sharding import approx_rows, auto_rows_per_shard, file_fingerprint, plan_file
 
+    outputs = parse_outputs(outputs)
     files, fs = expand_paths(corpus.path)
     fmt = detect_format(files, corpus.format)
     if rows_per_shard is None:
         count_remote = ray.remote(num_cpus=0.25)(approx_rows)
         total = sum(ray.get([count_remote.remote(f, fmt, fs) for f in files]))
-        rows_per_shard = auto_rows_per_shard(total, num_actors)
+        # ColBERT keeps a vector per token: smaller shards bound what one item holds in memory.
+        high = COLBERT_ROWS_PER_SHARD if "colbert" in outputs else 50_000
+        rows_per_shard = auto_rows_per_shard(total, num_actors, low=min(1024, high), high=high)
     plan_remote = ray.remote(num_cpus=0.25)(plan_file)
     per_file = ray.get([plan_remote.remote(f, fmt, rows_per_shard, fs) for f in files])
     shards = []
@@ -289,6 +194,7 @@ def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None,
         "embedder": asdict(spec),
         # Weights replaced at the same path make this a different job: a rerun refuses to mix vectors.
         "model_fingerprint": spec.model_fingerprint(),
+        "outputs": list(outputs),
         "shards": shards,
     }
 
@@ -297,7 +203,7 @@ def _plan_changes(old: dict, new: dict) -> str:
     """The parts of a plan that differ, for the error a rerun into another job's output gets."""
     names = {"input": "input", "files": "input files", "format": "format", "id_field": "id field",
              "text_fields": "text fields", "rows_per_shard": "shard size", "embedder": "model settings",
-             "model_fingerprint": "model files", "shards": "shard boundaries"}
+             "model_fingerprint": "model files", "outputs": "outputs", "shards": "shard boundaries"}
     changed = [label for key, label in names.items() if old.get(key) != new.get(key)]
     return ", ".join(changed) or "the plan format"
 
@@ -314,15 +220,17 @@ def run_embed_job(
     overwrite: bool = False,
     runtime_env: dict | None = None,
     queries: QueryBatch | None = None,
+    outputs: str | tuple[str, ...] = ("dense",),
 ) -> EmbedJobResult:
     """Embed ``corpus`` into ``output``: ``shards/part-*.parquet``, ``manifest.json``, ``index.faiss``.
 
+    ``outputs``: any of ``dense`` (column ``embedding``), ``sparse`` and ``colbert`` (BGE-M3).
     Resumable: ``plan.json`` fixes the shard boundaries; a rerun of the same command embeds only the
-    shards not yet committed. ``runtime_env`` goes to the embedding actors (env vars, pip packages).
-    ``queries``: also embedded by the job's actors, returned in ``EmbedJobResult.query_embeddings``
+    shards not yet committed. ``runtime_env`` goes to the pipeline's workers (env vars, pip packages).
+    ``queries``: also embedded by the job's actors, returned in ``EmbedJobResult.query_vectors``
     (not written to ``output``: the folder holds the corpus only).
-    ``manifest.json`` is written last, after every planned row is
-    accounted for and every id is found unique, so its presence means the output is complete.
+    ``manifest.json`` is written last, after every planned row is accounted for and every id is
+    found unique, so its presence means the output is complete. The index needs the dense output.
     """
     import ray
 
@@ -331,6 +239,7 @@ def run_embed_job(
 
     from .runtime import plan_actors
 
+    outputs = parse_outputs(outputs)
     if on_bad_record not in ("fail", "skip"):
         raise ValueError(f"on_bad_record must be 'fail' or 'skip', got {on_bad_record!r}")
     if queries is not None:
@@ -351,7 +260,7 @@ def run_embed_job(
         # A resumed run keeps the shard size it started with, whatever the actor count now.
         rows_per_shard = rows_per_shard or old.get("rows_per_shard")
     actor_plan = plan_actors(num_actors, use_gpu)
-    plan = plan_job(corpus, spec, rows_per_shard, actor_plan.num_actors)
+    plan = plan_job(corpus, spec, rows_per_shard, actor_plan.num_actors, outputs)
     digest = plan_digest(plan)
     if old is not None:
         if old.get("digest") != digest:
@@ -374,69 +283,76 @@ def run_embed_job(
     t_embed_wall = time.time()
     n_actors = 0
     if pending or query_items:
-        import ray.data
-        from ray.data import ActorPoolStrategy
-
-        # Query items are small: they size nothing, they go first and the actor that took them moves on.
-        actors = actor_plan.for_blocks(len(pending) or 1)
-        n_actors = actors.num_actors
-        items = query_items + pending
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        text_fields = tuple(corpus.text_fields) if corpus.text_fields else None
-        out = ds.map_batches(
-            ShardEmbedActor,
-            fn_constructor_kwargs=dict(spec=queries.spec if queries is not None else spec,
-                                       torch_threads=actors.torch_threads, output=output,
-                                       id_field=corpus.id_field, text_fields=text_fields,
-                                       skip_bad=on_bad_record == "skip"),
-            # One shard in flight per actor: with Ray Data's default (several) the first actor to
-            # start takes every shard of a small job and the others idle.
-            compute=ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=1),
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=actors.num_cpus,
-            num_gpus=actors.num_gpus,
-            **({"runtime_env": runtime_env} if runtime_env else {}),
-        )
-        results = out.take_all()
-    query_embeddings = _query_vectors(len(query_items), [r for r in results if r["index"] < 0]) if queries else None
-    results = [r for r in results if r["index"] >= 0]
+        results = _run_pipeline(corpus, output, spec if queries is None else queries.spec, outputs,
+                                actor_plan.for_blocks(len(pending) or 1), query_items, pending, shards,
+                                on_bad_record == "skip", runtime_env)
+        n_actors = actor_plan.for_blocks(len(pending) or 1).num_actors
+    query_vectors = _query_vectors(len(query_items), [r for r in results if r["item"] < 0]) if queries else None
+    results = [r for r in results if r["item"] >= 0]
     embed_seconds = time.perf_counter() - t_embed
     manifest = _verify_and_describe(plan, output, results)
+    metas = [json.loads(r["meta"]) for r in results]
     manifest.update(
         digest=digest,
         skipped_shards=len(done),
         embedded_shards=len(pending),
-        embedded_rows=sum(r["rows"] for r in results),
-        embedded_tokens=sum(r["tokens"] for r in results),
+        embedded_rows=sum(m["committed_rows"] for m in metas),
+        embedded_tokens=sum(m["tokens"] for m in metas),
         embed_seconds=round(embed_seconds, 3),
         num_actors=n_actors,
         # Where the embed stage's time went: actors busy on shards, and the wait for the first shard
         # to start (actor start-up: process, imports, model load).
-        shard_seconds=round(sum(r["seconds"] for r in results), 3),
+        shard_seconds=round(sum(r["model_seconds"] for r in results), 3),
+        commit_seconds=round(sum(m["commit_seconds"] for m in metas), 3),
         first_shard_after_seconds=round(min(r["started"] for r in results) - t_embed_wall, 3) if results else None,
         actor_start_seconds=_actor_start(results, t_embed_wall),
     )
     if index_kind and index_kind != "none":
-        t_index = time.perf_counter()
-        manifest["index"] = build_shard_index(output, index_kind)
-        manifest["index"]["seconds"] = round(time.perf_counter() - t_index, 3)
+        if "dense" in outputs:
+            t_index = time.perf_counter()
+            manifest["index"] = build_shard_index(output, index_kind)
+            manifest["index"]["seconds"] = round(time.perf_counter() - t_index, 3)
+        else:
+            logger.info("no faiss index: the job writes no dense vectors (outputs %s)", ",".join(outputs))
     seconds = time.perf_counter() - t0
     manifest["seconds"] = round(seconds, 3)
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json(os.path.join(output, "manifest.json"), manifest)
     del ray
-    return EmbedJobResult(output, manifest["rows"], manifest["tokens"], seconds, manifest, query_embeddings)
+    return EmbedJobResult(output, manifest["rows"], manifest["tokens"], seconds, manifest, query_vectors)
 
 
-def _query_vectors(n_items: int, results: list[dict]) -> np.ndarray:
-    """The query items' vectors, back in the QueryBatch's order."""
-    by_item = {-1 - r["index"]: r for r in results}
+def _run_pipeline(corpus, output, spec, outputs, actors, query_items, pending, shards, skip_bad, runtime_env):
+    """Query items and pending shards through read + tokenise -> model -> commit; one record per item."""
+    import ray.data
+
+    text_fields = tuple(corpus.text_fields) if corpus.text_fields else None
+    reader = functools.partial(read_shard_item, id_field=corpus.id_field, text_fields=text_fields, skip_bad=skip_bad)
+    # Query items are small: they go first and the actor that took them moves on.
+    items = query_items + [item_row(s["index"], PASSAGE, [], None, meta=s) for s in pending]
+    ds = ray.data.from_arrow([to_table([r]) for r in items])
+    embedded = model_stage(ds, spec, actors, outputs, reader=reader, fault_dir=output, runtime_env=runtime_env,
+                           n_items=len(items))
+    committed = embedded.map_batches(commit_items, fn_kwargs={"output": output, "outputs": outputs}, batch_size=1,
+                                     batch_format="pyarrow", num_cpus=actors.read_cpus,
+                                     **({"runtime_env": runtime_env} if runtime_env else {}))
+    planned = sum(s["rows"] for s in shards)
+    progress = Progress(planned, len(pending), done_rows=planned - sum(s["rows"] for s in pending))
+    results = []
+    for row in committed.iter_rows():
+        if row["item"] >= 0:
+            meta = json.loads(row["meta"])
+            progress.add(row["item"], meta["rows"], meta["tokens"])
+        results.append(row)
+    return results
+
+
+def _query_vectors(n_items: int, results: list[dict]) -> Vectors:
+    """The query items' outputs, back in the QueryBatch's order."""
+    by_item = {-1 - r["item"]: r for r in results}
     if sorted(by_item) != list(range(n_items)):
         raise RuntimeError(f"query items {sorted(by_item)} came back, expected {n_items}")
-    parts = [np.frombuffer(by_item[k]["query_embedding"], dtype=np.float32).reshape(by_item[k]["rows"], by_item[k]["dim"])
-             for k in sorted(by_item)]
-    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    return Vectors.concat([Vectors.from_result(by_item[k]) for k in sorted(by_item)]) if by_item else Vectors([])
 
 
 def _actor_start(results: list[dict], t0: float) -> dict | None:
@@ -452,8 +368,11 @@ def _actor_start(results: list[dict], t0: float) -> dict | None:
 
 def _verify_and_describe(plan: dict, output: str, results: list[dict]) -> dict:
     """Every planned shard committed, row counts add up, ids unique; else raise (no manifest)."""
-    bad_by_shard = {r["index"]: (r["n_bad"], json.loads(r["bad"])) for r in results}
-    shards, rows, tokens, seen, dim, bad, bad_examples = [], 0, 0, {}, None, 0, []
+    bad_by_shard = {}
+    for r in results:
+        meta = json.loads(r["meta"])
+        bad_by_shard[r["item"]] = (meta["n_bad"], meta["bad"])
+    shards, rows, tokens, seen, dim, colbert_dim, bad, bad_examples = [], 0, 0, {}, None, None, 0, []
     for s in plan["shards"]:
         path = os.path.join(output, "shards", f"part-{s['index']:05d}.parquet")
         if not os.path.exists(path):
@@ -472,7 +391,11 @@ def _verify_and_describe(plan: dict, output: str, results: list[dict]) -> dict:
                     f"unique, no manifest was written"
                 )
             seen[i] = s["index"]
-        dim = dim or pq.read_schema(path).field("embedding").type.list_size
+        schema = pq.read_schema(path)
+        if dim is None and "embedding" in schema.names:
+            dim = schema.field("embedding").type.list_size
+        if colbert_dim is None and "colbert" in schema.names:
+            colbert_dim = schema.field("colbert").type.value_type.list_size
         bad += n_bad
         bad_examples += examples
         rows += table.num_rows
@@ -484,7 +407,9 @@ def _verify_and_describe(plan: dict, output: str, results: list[dict]) -> dict:
         "input": plan["input"],
         "model": spec["model"] or "bundled:sentence-transformers/all-MiniLM-L6-v2",
         "embedder": spec,
+        "outputs": plan.get("outputs", ["dense"]),
         "dim": dim,
+        "colbert_dim": colbert_dim,
         "normalized": spec["normalize_embeddings"],
         "rows": rows,
         "unique_ids": len(seen),

@@ -2,7 +2,8 @@
 
 A shard is a fixed row range of one input file. Planning counts rows (jsonl: one pass over the
 bytes, remembering where every shard starts; parquet: metadata only; csv: one read); reading a
-shard parses only its rows and checks them, naming file and line for every bad record.
+shard parses only its rows (jsonl: from its byte offset; parquet: the row groups that hold them)
+and checks them, naming file and line for every bad record.
 """
 
 from __future__ import annotations
@@ -147,8 +148,11 @@ def read_shard(
     """The shard's ``{id, text}`` rows and, with ``skip_bad``, where each skipped bad record was."""
     if shard.format == "json" and shard.offset is not None:
         return _read_jsonl_shard(shard, id_field, text_fields, fs, skip_bad)
-    table = _read_whole(shard.file, shard.format, fs).slice(shard.start, shard.rows)
-    idf, tf = pick_fields(table.column_names, id_field, text_fields, shard.file)
+    if shard.format == "parquet":
+        table, idf, tf = _read_parquet_rows(shard, id_field, text_fields, fs)
+    else:
+        table = _read_whole(shard.file, shard.format, fs).slice(shard.start, shard.rows)
+        idf, tf = pick_fields(table.column_names, id_field, text_fields, shard.file)
     ids, texts, bad = [], [], []
     for k, (i, row) in enumerate(zip(table[idf].to_pylist(), table.select(list(tf)).to_pylist(), strict=True)):
         where = f"{shard.file}: row {shard.start + k + 1}"
@@ -161,6 +165,27 @@ def read_shard(
         ids.append(str(i))
         texts.append(row)
     return _rows_table(ids, texts, tf), bad
+
+
+def _read_parquet_rows(shard: Shard, id_field, text_fields, fs):
+    """The shard's rows of the needed columns, from the row groups that hold them only."""
+    import pyarrow.parquet as pq
+
+    with _open(shard.file, fs) as f:
+        pf = pq.ParquetFile(f)
+        idf, tf = pick_fields(pf.schema_arrow.names, id_field, text_fields, shard.file)
+        groups, first, row = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row + n > shard.start and row < shard.start + shard.rows:
+                groups.append(g)
+                first = row if first is None else first
+            row += n
+        columns = list(dict.fromkeys([idf, *tf]))
+        if not groups:
+            return pa.table({c: pa.array([], pa.string()) for c in columns}), idf, tf
+        table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(shard.start - first, shard.rows), idf, tf
 
 
 def _read_jsonl_shard(shard, id_field, text_fields, fs, skip_bad):

@@ -43,6 +43,7 @@ class InferenceModel:
         cache_dir: str | None = None,
         batch_size: int = 256,
         max_tokens_per_batch: int | None = None,
+        load_weights: bool = True,
         **load_kwargs: Any,
     ):
         self.model_name_or_path = model_name_or_path
@@ -55,7 +56,8 @@ class InferenceModel:
         self.trust_remote_code = trust_remote_code
         self.dtype = resolve_dtype(use_fp16, use_bf16, self.target_devices[0])
         self.tokenizer = self._load_tokenizer()
-        self.model = self._load_model(**load_kwargs)
+        # load_weights=False: the tokenizer side only, for the CPU stage that tokenises for the actors.
+        self.model = self._load_model(**load_kwargs) if load_weights else None
         self._replicas: dict[str, torch.nn.Module] = {}
 
     # -- loading (subclasses override to add heads or change classes) --------------------------

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .base import InferenceModel, as_list, format_instruction
 from .encode import scatter_rows
 from .pooling import check_pooling, pool
-from .tokenize import check_texts, tokenize
+from .tokenize import Features, check_texts, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class BaseEmbedder(InferenceModel):
         if truncate_dim is not None and truncate_dim < 1:
             raise ValueError(f"truncate_dim must be a positive int, got {truncate_dim}")
         self.truncate_dim = truncate_dim
-        load_kwargs = {k: kwargs.pop(k) for k in ("revision",) if k in kwargs}
+        load_kwargs = {k: kwargs.pop(k) for k in ("revision", "load_weights") if k in kwargs}
         if kwargs:
             logger.warning("%s ignores unknown arguments: %s", type(self).__name__, sorted(kwargs))
         self.kwargs = kwargs
@@ -133,9 +133,48 @@ class BaseEmbedder(InferenceModel):
         hidden = self.model.config.hidden_size
         return min(hidden, self.truncate_dim) if self.truncate_dim else hidden
 
+    # -- pre-tokenised passages (batch jobs tokenise on CPU workers, the model runs elsewhere) ----
+    def corpus_features(self, corpus: list[str], max_length: int | None = None) -> Features:
+        """The token ids ``encode_corpus`` would feed the model (passage instruction applied); needs
+        only the tokenizer, so it runs on an instance loaded with ``load_weights=False``."""
+        check_texts(corpus)
+        if self.passage_instruction_for_retrieval is not None:
+            fmt = self.passage_instruction_format or "{}{}"
+            corpus = [format_instruction(fmt, self.passage_instruction_for_retrieval, t) for t in corpus]
+        return self._prepare(list(corpus), max_length or self.passage_max_length)
+
+    def encode_features(self, features: Features, outputs: tuple[str, ...] = ("dense",),
+                        batch_size: int | None = None) -> dict[str, Any]:
+        """Run the model on :meth:`corpus_features`: ``{"dense": float32 [n, dim]}`` (M3 adds
+        ``sparse`` and ``colbert``); sets ``last_token_counts`` as ``encode`` does."""
+        unknown = set(outputs) - {"dense"}
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has a dense output only, not {sorted(unknown)} (BGE-M3 has all three)")
+        self.last_token_counts = features.lengths
+        return {"dense": self._embed_features(features, batch_size or self.batch_size).numpy()}
+
     # -- internals ------------------------------------------------------------------------------
     def _prepare(self, texts: list[str], max_length: int, **kwargs):
         return tokenize(self.tokenizer, texts, max_length, **kwargs)
+
+    def _embed_features(self, features: Features, batch_size: int, **collate_kw) -> torch.Tensor:
+        if len(features) == 0:
+            return torch.empty((0, self.dim), dtype=torch.float32)
+        results = self._run(features, self._dense_forward, batch_size, padding_side=self.tokenizer.padding_side,
+                            desc="Inference Embeddings", **collate_kw)
+        return scatter_rows(results, len(features))
+
+    def _dense_forward(self, model, device):
+        def forward(batch):
+            hidden = model(**batch, return_dict=True).last_hidden_state
+            emb = pool(hidden, batch["attention_mask"], self.pooling_method)
+            if self.truncate_dim:
+                emb = emb[:, : self.truncate_dim]
+            if self.normalize_embeddings:
+                emb = F.normalize(emb.float(), dim=-1)
+            return emb
+
+        return forward
 
     def _embed(self, texts: list[str], batch_size: int, max_length: int, **kwargs) -> torch.Tensor:
         collate_kw = {k: kwargs.pop(k) for k in _COLLATE_KWARGS if k in kwargs}
@@ -143,22 +182,10 @@ class BaseEmbedder(InferenceModel):
             self.last_token_counts = np.zeros(0, dtype=np.int64)
             return torch.empty((0, self.dim), dtype=torch.float32)
 
-        def make_forward(model, device):
-            def forward(batch):
-                hidden = model(**batch, return_dict=True).last_hidden_state
-                emb = pool(hidden, batch["attention_mask"], self.pooling_method)
-                if self.truncate_dim:
-                    emb = emb[:, : self.truncate_dim]
-                if self.normalize_embeddings:
-                    emb = F.normalize(emb.float(), dim=-1)
-                return emb
-
-            return forward
-
         results, lengths = self._run_items(
             texts,
             lambda chunk: self._prepare(chunk, max_length, **kwargs),
-            make_forward,
+            self._dense_forward,
             batch_size,
             padding_side=self.tokenizer.padding_side,
             desc="Inference Embeddings",

@@ -27,7 +27,7 @@ from .embedder import BaseEmbedder
 from .encode import scatter_items, scatter_rows
 from .loading import load_hf_model, load_linear_head
 from .pooling import pool
-from .tokenize import check_texts, tokenize
+from .tokenize import Features, check_texts, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -310,6 +310,24 @@ class BGEM3FlagModel(BaseEmbedder):
         max_length = max_length or self.passage_max_length
         collate_kw = {k: kwargs.pop(k) for k in _COLLATE_KWARGS if k in kwargs}
         features = tokenize(self.tokenizer, texts, max_length, **kwargs)
+        return self._encode_raw_features(features, batch_size, return_dense, return_sparse, return_colbert_vecs,
+                                         truncate, collate_kw)
+
+    def encode_features(self, features: Features, outputs: tuple[str, ...] = ("dense",),
+                        batch_size: int | None = None) -> dict[str, Any]:
+        """Run the model on :meth:`corpus_features`: ``dense`` (float32 [n, dim]), ``sparse`` (per row
+        ``(ids, weights)``) and ``colbert`` (per row float32 [n_tokens - 1, colbert_dim]), as asked."""
+        unknown = set(outputs) - {"dense", "sparse", "colbert"}
+        if unknown or not outputs:
+            raise ValueError(f"outputs must be a non-empty subset of dense, sparse, colbert, got {list(outputs)}")
+        raw = self._encode_raw_features(features, batch_size or self.batch_size, "dense" in outputs,
+                                        "sparse" in outputs, "colbert" in outputs, True, {})
+        out = {"dense": raw["dense_vecs"].numpy() if raw["dense_vecs"] is not None else None,
+               "sparse": raw["sparse"], "colbert": raw["colbert_vecs"]}
+        return {k: v for k, v in out.items() if k in outputs}
+
+    def _encode_raw_features(self, features: Features, batch_size: int, return_dense: bool, return_sparse: bool,
+                             return_colbert_vecs: bool, truncate: bool, collate_kw: dict) -> dict[str, Any]:
         # Token counts of the last call, for throughput reporting by batch jobs (as BaseEmbedder).
         self.last_token_counts = features.lengths
         cut = self.truncate_dim if truncate else None

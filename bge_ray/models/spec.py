@@ -33,7 +33,8 @@ class EmbedderSpec:
 
         return model_fingerprint(self.model, self.extra.get("cache_dir"), self.extra.get("revision"))
 
-    def load(self, devices=None):
+    def load(self, devices=None, load_weights: bool = True):
+        """The model; ``load_weights=False`` gives its tokenizer side only (for CPU tokenising tasks)."""
         from bge_ray.models.auto import FlagAutoModel
 
         return FlagAutoModel.from_finetuned(
@@ -47,6 +48,7 @@ class EmbedderSpec:
             passage_max_length=self.max_length,
             max_tokens_per_batch=self.max_tokens_per_batch,
             passage_instruction_for_retrieval=self.passage_instruction,
+            **({} if load_weights else {"load_weights": False}),
             **self.extra,
         )
 
