@@ -43,7 +43,7 @@ def test_killed_actor_is_restarted_and_every_row_lands_once(ray_local, sample_co
 
 def test_interrupted_run_resumes_only_missing_shards(ray_local, sample_corpus, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(Exception, match="injected failure at shard 3"):
+    with pytest.raises(Exception, match="injected failure at item 3"):
         run_embed_job(
             CorpusSpec(str(sample_corpus)), str(out), SPEC, rows_per_shard=10, index_kind="none",
             runtime_env={"env_vars": {"BGE_RAY_FAULT": "raise:3"}},

@@ -1,6 +1,6 @@
 """Hard-negative mining (FlagEmbedding's ``scripts/hn_mine.py``) on the Ray embedding path.
 
-Corpus and queries are embedded by the actor pool (:func:`bge_ray.batch.embed.embed_texts`), a flat
+Corpus and queries are embedded by the model stage (:func:`bge_ray.batch.stage.embed_rows`), a flat
 inner-product faiss index is searched in query chunks, and each line's negatives are sampled from the
 candidates ranked ``[start, end)`` that are neither a positive nor the query itself. On top of
 FlagEmbedding: a score filter against the best positive (``max_score_ratio`` / ``min_margin``) to
@@ -11,24 +11,18 @@ that does not depend on chunk sizes or actor counts.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import random
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-import pyarrow as pa
 
-from bge_ray.batch.embed import EmbedActor, dense_vectors, embed_dataset
-from bge_ray.io.atomic import atomic_path, write_json
-from bge_ray.io.shards import embedding_array, shard_files, to_numpy
+from bge_ray.batch.stage import PASSAGE, QUERY, embed_rows
+from bge_ray.batch.vector_cache import EmbeddingCache, cache_settings, text_hash
 from bge_ray.io.training_data import TrainingDataError, read_candidate_pool, read_training_jsonl, write_jsonl
-from bge_ray.models.spec import QUERY_OPTIONS, EmbedderSpec
+from bge_ray.models.spec import EmbedderSpec
 
 from .cli import actors_for_devices, hf_bool
 
@@ -39,130 +33,10 @@ AUTO_INSTRUCTION = "auto"
 
 
 # -- embedding: queries and passages in one actor pool, cached -------------------------------------
-QUERY, PASSAGE = "query", "passage"
-
-
-class MiningEmbedActor(EmbedActor):
-    """:class:`EmbedActor` for ``{id, text, role}`` rows: queries go through the model's own
-    ``encode_queries`` (instruction format, ICL examples, ``query_max_length``), passages through
-    ``encode_corpus``, so one model load per actor serves both. Dense vectors only."""
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        roles = np.asarray(batch["role"].to_pylist())
-        ids, embs, counts = [], [], []
-        for role, encode in ((QUERY, self.model.encode_queries), (PASSAGE, self.model.encode_corpus)):
-            rows = np.flatnonzero(roles == role)
-            if not len(rows):
-                continue
-            part = batch.take(pa.array(rows))
-            ids.extend(part["id"].to_pylist())
-            embs.append(dense_vectors(self.model, encode, part["text"].to_pylist(), self.spec.batch_size))
-            counts.append(np.asarray(self.model.last_token_counts))
-        return pa.table({
-            "id": pa.array(ids, pa.string()),
-            "embedding": embedding_array(np.concatenate(embs)),
-            "n_tokens": pa.array(np.concatenate(counts), type=pa.int32()),
-        })
-
-
-def embed_roles(
-    ids: Sequence[str],
-    texts: Sequence[str],
-    roles: Sequence[str],
-    spec: EmbedderSpec,
-    num_actors: int | None = None,
-    use_gpu: bool | None = None,
-    rows_per_call: int = 1024,
-) -> np.ndarray:
-    """Embed queries and passages (``roles``) on one Ray actor pool; rows come back in input order."""
-    import ray.data
-
-    from .runtime import call_blocks, plan_actors
-
-    plan = plan_actors(num_actors, use_gpu)
-    table = pa.table({
-        "id": pa.array(list(ids), pa.string()),
-        "text": pa.array(list(texts), pa.string()),
-        "role": pa.array(list(roles), pa.string()),
-    })
-    blocks, plan = call_blocks(table, rows_per_call, plan)
-    position = {i: n for n, i in enumerate(ids)}
-    out = None
-    embedded = embed_dataset(ray.data.from_arrow(blocks), spec, plan, rows_per_call, actor_class=MiningEmbedActor)
-    for batch in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
-        emb = to_numpy(batch["embedding"])
-        if out is None:
-            out = np.zeros((len(ids), emb.shape[1]), dtype=np.float32)
-        out[[position[i] for i in batch["id"].to_pylist()]] = emb
-    if out is None:
-        raise RuntimeError(f"no embeddings came back for {len(ids)} texts")
-    return out
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
-
-
-def cache_settings(spec: EmbedderSpec, role: str) -> dict:
-    """What the vectors of ``role`` depend on: not batch sizes, download options, or the other role's options."""
-    settings = {k: v for k, v in asdict(spec).items() if k not in ("batch_size", "max_tokens_per_batch", "extra")}
-    extra = {k: v for k, v in spec.extra.items() if v is not None and k not in ("trust_remote_code", "cache_dir")}
-    if role == QUERY:
-        settings.pop("max_length")
-        settings.pop("passage_instruction")
-    else:
-        extra = {k: v for k, v in extra.items() if k not in QUERY_OPTIONS}
-    settings.update(extra=extra, role=role, model_fingerprint=spec.model_fingerprint())
-    return settings
-
-
-class EmbeddingCache:
-    """Vectors keyed by text hash, one folder per hash of :func:`cache_settings`.
-
-    Each run that embeds new texts adds one ``part-*.parquet`` (written to a temp name, then renamed),
-    so concurrent runs never corrupt each other; ``settings.json`` says what the folder holds.
-    """
-
-    def __init__(self, root: str, settings: dict):
-        blob = json.dumps(settings, sort_keys=True, default=str)
-        self.key = hashlib.sha256(blob.encode()).hexdigest()[:20]
-        self.dir = os.path.join(root, self.key)
-        self.settings = settings
-        self._index: dict[str, tuple[int, int]] | None = None
-        self._parts: list[np.ndarray] = []
-
-    def _load(self) -> dict[str, tuple[int, int]]:
-        import pyarrow.parquet as pq
-
-        if self._index is None:
-            self._index, self._parts = {}, []
-            for f in shard_files(self.dir) if os.path.isdir(self.dir) else []:
-                table = pq.read_table(f, columns=["hash", "embedding"])
-                part = len(self._parts)
-                self._parts.append(to_numpy(table["embedding"]))
-                for row, h in enumerate(table["hash"].to_pylist()):
-                    self._index.setdefault(h, (part, row))
-        return self._index
-
-    def get(self, hashes: Sequence[str]) -> dict[int, np.ndarray]:
-        """Cached vectors for the positions of ``hashes`` that are present."""
-        index = self._load()
-        return {i: self._parts[index[h][0]][index[h][1]] for i, h in enumerate(hashes) if h in index}
-
-    def put(self, hashes: Sequence[str], emb: np.ndarray) -> None:
-        import pyarrow.parquet as pq
-
-        if not len(hashes):
-            return
-        os.makedirs(self.dir, exist_ok=True)
-        meta = os.path.join(self.dir, "settings.json")
-        if not os.path.exists(meta):
-            write_json(meta, self.settings)
-        name = f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-        table = pa.table({"hash": pa.array(list(hashes), pa.string()), "embedding": embedding_array(emb)})
-        with atomic_path(os.path.join(self.dir, name)) as tmp:
-            pq.write_table(table, tmp)
-        self._index = None  # re-read on next get
+def embed_roles(ids: Sequence[str], texts: Sequence[str], roles: Sequence[str], spec: EmbedderSpec,
+                num_actors: int | None = None, use_gpu: bool | None = None) -> np.ndarray:
+    """Dense vectors of queries and passages (``roles``) from the model stage, in input order."""
+    return embed_rows(ids, texts, roles, spec, num_actors, use_gpu).dense
 
 
 @dataclass
@@ -478,7 +352,7 @@ def mine_hard_negatives(
 
 
 __all__ = [
-    "AUTO_INSTRUCTION", "EmbeddingCache", "MineConfig", "MineResult", "MiningEmbedActor", "TrainingDataError",
+    "AUTO_INSTRUCTION", "EmbeddingCache", "MineConfig", "MineResult", "TrainingDataError",
     "actors_for_devices", "cache_settings", "embed_roles", "embed_with_cache", "hf_bool", "mine_hard_negatives",
     "parse_range", "read_candidate_pool", "read_training_jsonl", "select_negatives", "write_jsonl",
 ]

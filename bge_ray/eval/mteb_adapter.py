@@ -70,17 +70,13 @@ class MtebEncoder(AbsEncoder):
         if self.ray:
             from dataclasses import replace
 
-            from .runner import embed_queries
+            from bge_ray.batch.stage import PASSAGE, QUERY, embed_rows
 
-            extra = dict(self.spec.extra)
-            if instruction:
-                extra["query_instruction_for_retrieval"] = instruction
+            spec = self.spec
+            if query and instruction:
+                spec = replace(spec, extra={**spec.extra, "query_instruction_for_retrieval": instruction})
             ids = [str(i) for i in range(len(texts))]
-            if query:
-                return embed_queries(ids, texts, replace(self.spec, extra=extra), self.num_actors)
-            from bge_ray.batch.embed import embed_texts
-
-            return embed_texts(ids, texts, self.spec, num_actors=self.num_actors)
+            return embed_rows(ids, texts, [QUERY if query else PASSAGE] * len(texts), spec, self.num_actors).dense
         if query:
             kwargs = {}
             if instruction:

@@ -157,11 +157,16 @@ def _digest(obj) -> str:
 
 
 # -- corpus embeddings: the embed job's output folder is the cache --------------------------------
-def corpus_cache_dir(root: str, spec: EmbedderSpec, dataset_key: str) -> str:
-    """``root/{model}/{dataset}/{settings}``: one folder per model, dataset and vector-changing settings."""
-    from bge_ray.batch.mine import PASSAGE, cache_settings
+def corpus_cache_dir(root: str, spec: EmbedderSpec, dataset_key: str, outputs: Sequence[str] = ("dense",)) -> str:
+    """``root/{model}/{dataset}/{settings}``: one folder per model, dataset, vector-changing settings
+    (:func:`bge_ray.batch.vector_cache.cache_settings`) and outputs beyond dense."""
+    from bge_ray.batch.stage import PASSAGE
+    from bge_ray.batch.vector_cache import cache_settings
 
-    return os.path.join(root, model_name(spec.model), dataset_key, _digest(cache_settings(spec, PASSAGE)))
+    key = cache_settings(spec, PASSAGE)
+    if tuple(outputs) != ("dense",):
+        key = {**key, "outputs": list(outputs)}
+    return os.path.join(root, model_name(spec.model), dataset_key, _digest(key))
 
 
 def _cache_complete(out: str, corpus_file: str) -> bool:
@@ -186,11 +191,12 @@ def embed_corpus_cached(
     use_gpu: bool | None = None,
     rows_per_shard: int | None = None,
     queries: QueryBatch | None = None,
+    outputs: Sequence[str] = ("dense",),
 ) -> dict:
     """Run (or resume, or reuse) the embed job for ``corpus_file`` into ``out``; return what happened.
 
-    ``queries`` ride along on the job's actors (``"query_embeddings"`` in the result); when the corpus
-    vectors are reused they get an actor pool of their own.
+    ``queries`` ride along on the job's actors (``"query_vectors"`` in the result, with the same
+    ``outputs``); when the corpus vectors are reused they get an actor pool of their own.
     """
     from bge_ray.batch.embed import plan_job, run_embed_job
     from bge_ray.io.readers import CorpusSpec
@@ -203,7 +209,8 @@ def embed_corpus_cached(
         logger.info("corpus embeddings reused from %s (%d rows)", out, manifest.get("rows", -1))
         info = {"dir": out, "cached": True, "rows": manifest.get("rows"), "embed_seconds": 0.0, "job_seconds": 0.0}
         if queries is not None:
-            info["query_embeddings"] = embed_queries(queries.ids, queries.texts, queries.spec, num_actors, use_gpu)
+            info["query_vectors"] = embed_queries(queries.ids, queries.texts, queries.spec, num_actors, use_gpu,
+                                                  outputs)
         return info
     stale = False
     plan_file = os.path.join(out, "plan.json")
@@ -212,18 +219,18 @@ def embed_corpus_cached(
             old_plan = json.load(f)
         # Same rule as the job: without an explicit size, a resumed run keeps the stored one.
         size = rows_per_shard or old_plan.get("rows_per_shard")
-        stale = old_plan.get("digest") != plan_digest(plan_job(corpus, spec, size))
+        stale = old_plan.get("digest") != plan_digest(plan_job(corpus, spec, size, outputs=tuple(outputs)))
         if stale:
             logger.info("corpus embedding cache %s was made by other settings or another corpus file: re-embedding", out)
     t0 = time.perf_counter()
     result = run_embed_job(corpus, out, spec, num_actors=num_actors, use_gpu=use_gpu, rows_per_shard=rows_per_shard,
-                           index_kind="flat", overwrite=stale, queries=queries)
+                           index_kind="flat", overwrite=stale, queries=queries, outputs=tuple(outputs))
     logger.info(result.summary())
     info = {"dir": out, "cached": False, "rows": result.rows, "tokens": result.tokens,
             "embed_seconds": float(result.manifest.get("embed_seconds", 0.0)),
             "job_seconds": time.perf_counter() - t0, "skipped_shards": result.manifest.get("skipped_shards", 0)}
     if queries is not None:
-        info["query_embeddings"] = result.query_embeddings
+        info["query_vectors"] = result.query_vectors
     return info
 
 
@@ -262,33 +269,12 @@ def _instruction(spec: EmbedderSpec, args: EvalArgs, dataset: str | None) -> str
 
 
 def embed_queries(qids: list[str], texts: list[str], spec: EmbedderSpec, num_actors=None, use_gpu=None,
-                  rows_per_call: int = 1024):
-    """Query vectors on an actor pool of their own through the model's ``encode_queries``, in ``qids``
-    order (for when no corpus job runs: its actors embed the queries otherwise)."""
-    import numpy as np
-    import pyarrow as pa
-    import ray.data
+                  outputs: Sequence[str] = ("dense",)):
+    """Query outputs (:class:`bge_ray.batch.stage.Vectors`) from the model stage through the model's
+    ``encode_queries``, in ``qids`` order (for when no corpus job runs: its actors embed the queries otherwise)."""
+    from bge_ray.batch.stage import QUERY, embed_rows
 
-    from bge_ray.batch.embed import embed_dataset
-    from bge_ray.batch.mine import QUERY, MiningEmbedActor
-    from bge_ray.batch.runtime import call_blocks, plan_actors
-    from bge_ray.io.shards import to_numpy
-
-    plan = plan_actors(num_actors, use_gpu)
-    table = pa.table({"id": pa.array(qids, pa.string()), "text": pa.array(texts, pa.string()),
-                      "role": pa.array([QUERY] * len(qids), pa.string())})
-    blocks, plan = call_blocks(table, rows_per_call, plan)
-    pos = {q: i for i, q in enumerate(qids)}
-    out = None
-    embedded = embed_dataset(ray.data.from_arrow(blocks), spec, plan, rows_per_call, actor_class=MiningEmbedActor)
-    for batch in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
-        emb = to_numpy(batch["embedding"])
-        if out is None:
-            out = np.zeros((len(qids), emb.shape[1]), dtype=np.float32)
-        out[[pos[q] for q in batch["id"].to_pylist()]] = emb
-    if out is None:
-        raise RuntimeError(f"no query embeddings came back for {len(qids)} queries")
-    return out
+    return embed_rows(qids, texts, [QUERY] * len(qids), spec, num_actors, use_gpu, outputs)
 
 
 # -- reranking on an actor pool -------------------------------------------------------------------------
@@ -299,7 +285,7 @@ class RayReranker:
         self.spec, self.num_actors, self.use_gpu = spec, num_actors, use_gpu
 
     def compute_score(self, pairs, **_):
-        from bge_ray.batch.teacher import score_pairs
+        from bge_ray.batch.stage import score_pairs
 
         return score_pairs(list(pairs), self.spec, self.num_actors, self.use_gpu)
 
@@ -483,7 +469,8 @@ def _run_dataset(args, bench, name, splits, embedder, reranker, ks, num_actors, 
     model, rname = report.model, report.reranker
     instruction = _instruction(embedder, args, name)
     qspec = query_spec(embedder, args, instruction)
-    from bge_ray.batch.mine import PASSAGE, QUERY, cache_settings
+    from bge_ray.batch.stage import PASSAGE, QUERY
+    from bge_ray.batch.vector_cache import cache_settings
 
     settings = {
         "corpus": os.path.abspath(corpus_file), "corpus_size": os.path.getsize(corpus_file),
@@ -606,7 +593,7 @@ def _search(args, bench, name, display, corpus_file, corpus, data, todo, embedde
     try:
         info = embed_corpus_cached(corpus_file, cspec, out, num_actors, use_gpu, args.rows_per_shard,
                                    queries=QueryBatch(qids, qtexts, qspec))
-        q_emb = info.pop("query_embeddings")
+        q_emb = info.pop("query_vectors").dense
         # The corpus job's actors embed the queries too; a reused corpus leaves only the queries to embed.
         t = clock.add("query_embed" if info["cached"] else "corpus_embed", t)
         clock.t["corpus_embed_in_actors"] = clock.t.get("corpus_embed_in_actors", 0.0) + info["embed_seconds"]
@@ -622,21 +609,30 @@ def _search(args, bench, name, display, corpus_file, corpus, data, todo, embedde
 
 
 def _search_m3(args, corpus_file, corpus, key, data, todo, cspec, qspec, num_actors, use_gpu, clock, report, display, t):
-    """M3: dense vectors and lexical weights from one pool (corpus part cached), then dense, sparse or
-    hybrid search; hybrid also returns each mode's score of the returned documents."""
-    from bge_ray.batch.mine import PASSAGE, cache_settings
-    from bge_ray.io.sharding import file_fingerprint
-
-    from .m3_embed import embed_m3
+    """M3: the embed job writes dense vectors and lexical weights (its folder is the cache) with the
+    queries riding along, then dense, sparse or hybrid search; hybrid also returns each mode's score
+    of the returned documents."""
+    from .m3_embed import M3Vectors
     from .searchers import SparseIndex, dense_search, hybrid_search
 
+    outputs = ("dense", "sparse")
     queries: dict[str, str] = {}
     for s in todo:
         queries.update(data[s].queries)
-    cache = corpus_cache_dir(args.corpus_embd_save_dir, cspec, key) + "-m3" if args.corpus_embd_save_dir else None
-    fingerprint = {"corpus": file_fingerprint(os.path.abspath(corpus_file), None),
-                   "settings": cache_settings(cspec, PASSAGE)}
-    docs, qs, info = embed_m3(corpus, queries, cspec, qspec, cache, fingerprint, True, num_actors, use_gpu)
+    qids = list(queries)
+    tmp = None
+    if args.corpus_embd_save_dir:
+        out = corpus_cache_dir(args.corpus_embd_save_dir, cspec, key, outputs)
+    else:
+        tmp = out = tempfile.mkdtemp(prefix="bge_ray_eval_corpus_")
+    try:
+        info = embed_corpus_cached(corpus_file, cspec, out, num_actors, use_gpu, args.rows_per_shard,
+                                   queries=QueryBatch(qids, [queries[q] for q in qids], qspec), outputs=outputs)
+        qs = M3Vectors.from_vectors(info.pop("query_vectors"))
+        docs = M3Vectors.from_shards(out, list(corpus))
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     report.corpus_embedding[display] = info
     t = clock.add("corpus_embed", t)  # corpus and queries embed together here
     top_k, same = args.search_top_k, args.ignore_identical_ids
