@@ -34,9 +34,10 @@ AUTO_INSTRUCTION = "auto"
 
 # -- embedding: queries and passages in one actor pool, cached -------------------------------------
 def embed_roles(ids: Sequence[str], texts: Sequence[str], roles: Sequence[str], spec: EmbedderSpec,
-                num_actors: int | None = None, use_gpu: bool | None = None) -> np.ndarray:
-    """Dense vectors of queries and passages (``roles``) from the model stage, in input order."""
-    return embed_rows(ids, texts, roles, spec, num_actors, use_gpu).dense
+                num_actors: int | None = None, use_gpu: bool | None = None, rows_per_call: int = 1024) -> np.ndarray:
+    """Dense vectors of queries and passages (``roles``) from the model stage, in input order;
+    ``rows_per_call`` texts per work item."""
+    return embed_rows(ids, texts, roles, spec, num_actors, use_gpu, rows_per_item=rows_per_call).dense
 
 
 @dataclass
