@@ -10,6 +10,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The loopback S3 server's address and credentials, set before any Ray worker starts so that every
+# worker finds them as a cluster's workers find theirs: in the standard AWS variables.
+S3_PORT = _free_port()
+os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ.pop("AWS_PROFILE", None)
+
 import pytest  # noqa: E402
 
 from tests import tiny_models  # noqa: E402
@@ -87,3 +105,15 @@ def sample_corpus():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1] / "bge_ray" / "data" / "sample_corpus.jsonl"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible server on 127.0.0.1 (the port in ``AWS_ENDPOINT_URL``), a boto3 client."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    server.stop()

@@ -221,6 +221,7 @@ def run_embed_job(
     runtime_env: dict | None = None,
     queries: QueryBatch | None = None,
     outputs: str | tuple[str, ...] = ("dense",),
+    tokenize_in_prepare: bool | None = None,
 ) -> EmbedJobResult:
     """Embed ``corpus`` into ``output``: ``shards/part-*.parquet``, ``manifest.json``, ``index.faiss``.
 
@@ -231,6 +232,8 @@ def run_embed_job(
     (not written to ``output``: the folder holds the corpus only).
     ``manifest.json`` is written last, after every planned row is accounted for and every id is
     found unique, so its presence means the output is complete. The index needs the dense output.
+    ``tokenize_in_prepare``: tokenise in the CPU prepare tasks rather than in the model actors
+    (default: when the actors have GPUs).
     """
     import ray
 
@@ -285,7 +288,7 @@ def run_embed_job(
     if pending or query_items:
         results = _run_pipeline(corpus, output, spec if queries is None else queries.spec, outputs,
                                 actor_plan.for_blocks(len(pending) or 1), query_items, pending, shards,
-                                on_bad_record == "skip", runtime_env)
+                                on_bad_record == "skip", runtime_env, tokenize_in_prepare)
         n_actors = actor_plan.for_blocks(len(pending) or 1).num_actors
     query_vectors = _query_vectors(len(query_items), [r for r in results if r["item"] < 0]) if queries else None
     results = [r for r in results if r["item"] >= 0]
@@ -322,7 +325,8 @@ def run_embed_job(
     return EmbedJobResult(output, manifest["rows"], manifest["tokens"], seconds, manifest, query_vectors)
 
 
-def _run_pipeline(corpus, output, spec, outputs, actors, query_items, pending, shards, skip_bad, runtime_env):
+def _run_pipeline(corpus, output, spec, outputs, actors, query_items, pending, shards, skip_bad, runtime_env,
+                  tokenize_in_prepare):
     """Query items and pending shards through read + tokenise -> model -> commit; one record per item."""
     import ray.data
 
@@ -332,7 +336,7 @@ def _run_pipeline(corpus, output, spec, outputs, actors, query_items, pending, s
     items = query_items + [item_row(s["index"], PASSAGE, [], None, meta=s) for s in pending]
     ds = ray.data.from_arrow([to_table([r]) for r in items])
     embedded = model_stage(ds, spec, actors, outputs, reader=reader, fault_dir=output, runtime_env=runtime_env,
-                           n_items=len(items))
+                           n_items=len(items), tokenize=tokenize_in_prepare)
     committed = embedded.map_batches(commit_items, fn_kwargs={"output": output, "outputs": outputs}, batch_size=1,
                                      batch_format="pyarrow", num_cpus=actors.read_cpus,
                                      **({"runtime_env": runtime_env} if runtime_env else {}))

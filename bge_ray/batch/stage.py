@@ -4,8 +4,9 @@ A work item is one Ray Data row holding a whole unit of work (a shard of the cor
 queries, a chunk of reranking pairs), so a block never splits an item and an actor call is sized by
 the caller, not by Ray Data's block shaping. Arrays travel packed as bytes (:func:`pack`).
 
-- prepare (tasks, CPU): reads the item's rows when it names a shard (``reader``) and tokenises
-  passages with the model's tokenizer, so the accelerator actors never parse or tokenise passages;
+- prepare (tasks, CPU): reads the item's rows when it names a shard (``reader``) and, for GPU
+  actors, tokenises passages with the model's tokenizer, so an accelerator never waits on parsing
+  or tokenising;
 - model (actors, one per GPU or per core share): role-aware. ``passage`` items run the model on their
   token ids (dense / sparse / ColBERT outputs), ``query`` items go through ``encode_queries`` (query
   instruction, ICL examples, ``query_max_length``), ``pair`` items through ``compute_score``.
@@ -103,9 +104,10 @@ def _tokenizer_side(spec):
     return _TOKENIZERS[key]
 
 
-def prepare_items(batch: pa.Table, spec, reader: Callable[[dict], tuple[list, list, dict]] | None = None) -> pa.Table:
+def prepare_items(batch: pa.Table, spec, reader: Callable[[dict], tuple[list, list, dict]] | None = None,
+                  tokenize: bool = True) -> pa.Table:
     """Ray Data task: read the rows of items that name a shard (``reader(meta)`` -> ids, texts, meta)
-    and tokenise every passage item; query and pair items pass through."""
+    and, with ``tokenize``, tokenise every passage item; query and pair items pass through."""
     rows = batch.to_pylist()
     for row in rows:
         if row["role"] != PASSAGE:
@@ -113,6 +115,8 @@ def prepare_items(batch: pa.Table, spec, reader: Callable[[dict], tuple[list, li
         if row["texts"] is None and reader is not None:
             row["ids"], row["texts"], meta = reader(json.loads(row["meta"]))
             row["meta"] = json.dumps(meta)
+        if not tokenize:
+            continue
         features = _tokenizer_side(spec).corpus_features(row["texts"] or [])
         ids = features.columns["input_ids"]
         row["token_counts"] = pack(features.lengths, np.int32)
@@ -231,8 +235,10 @@ class ModelActor:
 
 
 def model_stage(ds, spec, plan, outputs: Sequence[str] = ("dense",), reader=None, fault_dir: str | None = None,
-                runtime_env: dict | None = None, n_items: int | None = None):
+                runtime_env: dict | None = None, n_items: int | None = None, tokenize: bool | None = None):
     """``ds`` (rows of :data:`ITEM_SCHEMA`) through the prepare tasks and the model actor pool.
+
+    ``tokenize``: whether the prepare tasks tokenise passages (default: when the actors have GPUs).
 
     ``plan`` is a :class:`bge_ray.batch.runtime.ActorPlan`. One item per actor call; with many items
     per actor, two are in flight so the next item's arguments arrive while the current one runs.
@@ -240,7 +246,12 @@ def model_stage(ds, spec, plan, outputs: Sequence[str] = ("dense",), reader=None
     from ray.data import ActorPoolStrategy
 
     extra = {"runtime_env": runtime_env} if runtime_env else {}
-    prepared = ds.map_batches(prepare_items, fn_kwargs={"spec": spec, "reader": reader}, batch_size=1,
+    # An accelerator must not wait on the tokenizer, so GPU actors get token ids. CPU actors share the
+    # cores with any tokenising task, so they tokenise their own items and the prepare tasks stay
+    # light (no torch or tokenizer to import in more processes; benchmarks/README.md, "Embed job").
+    tokenize = plan.num_gpus > 0 if tokenize is None else tokenize
+    prepared = ds.map_batches(prepare_items, fn_kwargs={"spec": spec, "reader": reader, "tokenize": tokenize},
+                              batch_size=1,
                               batch_format="pyarrow", num_cpus=plan.read_cpus, **extra)
     # One item in flight per actor while items are few: Ray Data would otherwise queue every item of
     # a small job on the first actor to start and leave the others idle.
