@@ -77,13 +77,17 @@ def oracle_outputs(tiny_m3, m3_corpus):
     return ids, want, queries, want_q
 
 
-def test_three_outputs_equal_flagembedding(ray_local, tiny_m3, m3_corpus, oracle_outputs, tmp_path):
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split-stages"])
+def test_three_outputs_equal_flagembedding(ray_local, tiny_m3, m3_corpus, oracle_outputs, tmp_path, split):
+    """Fused: each CPU actor reads, tokenises, runs and commits; split (the GPU layout): prepare tasks
+    tokenise, the actors get token ids, commit tasks write."""
     path, _ = m3_corpus
     ids, want, queries, want_q = oracle_outputs
     out = tmp_path / "out"
     spec = _spec(tiny_m3)
     result = run_embed_job(CorpusSpec(str(path)), str(out), spec, num_actors=2, rows_per_shard=7,
-                           outputs="dense,sparse,colbert", queries=QueryBatch(["q0", "q1"], queries, spec))
+                           outputs="dense,sparse,colbert", queries=QueryBatch(["q0", "q1"], queries, spec),
+                           split_stages=split)
     got, schema = _read(out)
     assert str(schema.field("embedding").type).startswith("fixed_size_list<element: float>[")
     sparse_type = schema.field("sparse").type
@@ -108,7 +112,7 @@ def test_killed_actor_resumes_to_the_same_outputs(ray_local, tiny_m3, m3_corpus,
     out = tmp_path / "out"
     run_embed_job(CorpusSpec(str(path)), str(out), _spec(tiny_m3), num_actors=2, rows_per_shard=7,
                   outputs="sparse,colbert,dense", index_kind="none",
-                  runtime_env={"env_vars": {"BGE_RAY_FAULT": "exit:2"}})
+                  runtime_env={"env_vars": {"BGE_RAY_FAULT": "exit:2"}}, split_stages=True)
     assert (out / ".fault-2").exists(), "the fault was not injected"
     got, _ = _read(out)
     _assert_matches(got, ids, want)

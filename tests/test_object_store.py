@@ -35,7 +35,7 @@ def local_run(ray_local, sample_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "out"
     run_embed_job(CorpusSpec(str(sample_corpus)), str(out), SPEC, rows_per_shard=10, index_kind="none")
     table = pads.dataset(str(out / "shards"), format="parquet").to_table()
-    return dict(zip(table["id"].to_pylist(), np.stack(table["embedding"].to_numpy(zero_copy_only=False))))
+    return dict(zip(table["id"].to_pylist(), np.stack(table["embedding"].to_numpy(zero_copy_only=False)), strict=True))
 
 
 def test_s3_output_lands_whole_and_reads_back(s3_server, ray_local, sample_corpus, local_run):
@@ -53,7 +53,7 @@ def test_s3_output_lands_whole_and_reads_back(s3_server, ray_local, sample_corpu
     fs, path = filesystem("s3://embeddings/runs/sample/shards")
     table = pads.dataset(path, format="parquet", filesystem=fs).to_table()
     assert sorted(table["id"].to_pylist()) == sorted(_corpus_ids(sample_corpus))
-    for i, vec in zip(table["id"].to_pylist(), table["embedding"].to_numpy(zero_copy_only=False)):
+    for i, vec in zip(table["id"].to_pylist(), table["embedding"].to_numpy(zero_copy_only=False), strict=True):
         np.testing.assert_allclose(vec, local_run[i], atol=1e-6)
 
     from bge_ray.index.faiss_index import load_index
@@ -63,19 +63,23 @@ def test_s3_output_lands_whole_and_reads_back(s3_server, ray_local, sample_corpu
 
 
 def test_s3_run_killed_mid_job_reruns_only_missing_shards(s3_server, ray_local, sample_corpus, tmp_path):
+    """Input and output both on the object store."""
     s3_server.create_bucket(Bucket="resume")
+    s3_server.put_object(Bucket="resume", Key="corpora/sample.jsonl", Body=sample_corpus.read_bytes())
+    corpus = CorpusSpec("s3://resume/corpora/sample.jsonl")
     out = "s3://resume/job"
     with pytest.raises(Exception, match="injected failure at item 3"):
-        run_embed_job(CorpusSpec(str(sample_corpus)), out, SPEC, rows_per_shard=10, index_kind="none",
+        run_embed_job(corpus, out, SPEC, rows_per_shard=10, index_kind="none",
                       runtime_env={"env_vars": {"BGE_RAY_FAULT": "raise:3", "BGE_RAY_FAULT_DIR": str(tmp_path)}})
     before = _keys(s3_server, "resume", "job/")
     assert "manifest.json" not in before, "a failed run must not look complete"
     committed = sorted(k for k in before if k.startswith("shards/"))
     assert "shards/part-00003.parquet" not in committed and committed
 
-    manifest = run_embed_job(CorpusSpec(str(sample_corpus)), out, SPEC, rows_per_shard=10, index_kind="none").manifest
+    manifest = run_embed_job(corpus, out, SPEC, rows_per_shard=10, index_kind="none").manifest
     assert manifest["skipped_shards"] == len(committed)
     assert manifest["embedded_shards"] == 6 - len(committed)
+    assert manifest["input"] == "s3://resume/corpora/sample.jsonl"
     after = _keys(s3_server, "resume", "job/")
     for k in committed:  # committed shard objects were not written again
         assert after[k]["ETag"] == before[k]["ETag"] and after[k]["LastModified"] == before[k]["LastModified"]

@@ -4,20 +4,20 @@ temp + rename) -> manifest, written last -> faiss index. Resumable shard by shar
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bge_ray.io.readers import CorpusSpec
-from bge_ray.io.shards import colbert_array, embedding_array, read_embeddings, shard_files, sparse_array
+from bge_ray.io.shards import colbert_array, embedding_array, sparse_array
+from bge_ray.io.store import Store, filesystem, is_uri
 from bge_ray.models.spec import EmbedderSpec, without_query_options
 
 from .stage import PASSAGE, QUERY, Vectors, item_row, model_stage, parse_outputs, to_table
@@ -86,10 +86,12 @@ class EmbedJobResult:
         )
 
 
-def read_shard_item(meta: dict, id_field, text_fields, skip_bad: bool, fs=None) -> tuple[list, list, dict]:
-    """The prepare stage's reader: one planned shard's ids and texts; bad records in ``meta``."""
+def read_shard_item(meta: dict, id_field, text_fields, skip_bad: bool, input_uri: str = "") -> tuple[list, list, dict]:
+    """The prepare stage's reader: one planned shard's ids and texts; bad records in ``meta``.
+    ``input_uri``: the job's input, whose filesystem (local or object store) holds the shard's file."""
     from bge_ray.io.sharding import Shard, read_shard
 
+    fs = filesystem(input_uri)[0] if is_uri(input_uri) else None
     shard = Shard(**{k: meta[k] for k in ("index", "file", "format", "start", "rows", "offset", "first_line")})
     rows, bad = read_shard(shard, id_field, text_fields, fs, skip_bad)
     return rows["id"].to_pylist(), rows["text"].to_pylist(), {**meta, "n_bad": len(bad), "bad": bad[:20]}
@@ -108,10 +110,10 @@ def shard_table(v: Vectors, outputs: tuple[str, ...], colbert_dim: int | None) -
     return pa.table(cols)
 
 
-def commit_items(batch: pa.Table, output: str, outputs: tuple[str, ...]) -> pa.Table:
-    """Ray Data task, the commit stage: write each shard item as ``shards/part-NNNNN.parquet`` (temp +
-    rename, so a retried or rerun shard lands whole, once) and pass on its record without vectors;
-    query items pass through with their vectors."""
+def commit_items(batch: pa.Table, store: Store, outputs: tuple[str, ...]) -> pa.Table:
+    """Ray Data task, the commit stage: write each shard item as ``shards/part-NNNNN.parquet`` (whole or
+    not at all: :meth:`Store.writer`, so a retried or rerun shard lands once) and pass on its record
+    without vectors; query items pass through with their vectors."""
     rows = batch.to_pylist()
     for row in rows:
         if row["role"] != PASSAGE:
@@ -119,8 +121,7 @@ def commit_items(batch: pa.Table, output: str, outputs: tuple[str, ...]) -> pa.T
         t0 = time.perf_counter()
         meta = json.loads(row["meta"])
         v = Vectors.from_result(row)
-        write_parquet_atomic(shard_table(v, outputs, row["colbert_dim"]),
-                             os.path.join(output, "shards", f"part-{row['item']:05d}.parquet"))
+        store.write_parquet(shard_name(row["item"]), shard_table(v, outputs, row["colbert_dim"]))
         meta.update(committed_rows=len(v.ids), tokens=int(v.n_tokens.sum()) if len(v.ids) else 0,
                     commit_seconds=round(time.perf_counter() - t0, 4))
         row.update(meta=json.dumps(meta), ids=[], dense=None, sparse_ids=None, sparse_weights=None,
@@ -149,11 +150,8 @@ class Progress:
         return line
 
 
-def write_parquet_atomic(table: pa.Table, path: str) -> None:
-    from bge_ray.io.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+def shard_name(index: int) -> str:
+    return f"shards/part-{index:05d}.parquet"
 
 
 def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None, num_actors: int = 1,
@@ -221,7 +219,7 @@ def run_embed_job(
     runtime_env: dict | None = None,
     queries: QueryBatch | None = None,
     outputs: str | tuple[str, ...] = ("dense",),
-    tokenize_in_prepare: bool | None = None,
+    split_stages: bool | None = None,
 ) -> EmbedJobResult:
     """Embed ``corpus`` into ``output``: ``shards/part-*.parquet``, ``manifest.json``, ``index.faiss``.
 
@@ -232,12 +230,11 @@ def run_embed_job(
     (not written to ``output``: the folder holds the corpus only).
     ``manifest.json`` is written last, after every planned row is accounted for and every id is
     found unique, so its presence means the output is complete. The index needs the dense output.
-    ``tokenize_in_prepare``: tokenise in the CPU prepare tasks rather than in the model actors
-    (default: when the actors have GPUs).
+    ``split_stages``: read + tokenise and commit in CPU tasks of their own, the actors running only
+    the model (default: when the actors have GPUs; :func:`bge_ray.batch.stage.model_stage`).
     """
     import ray
 
-    from bge_ray.io.atomic import write_json
     from bge_ray.io.sharding import plan_digest
 
     from .runtime import plan_actors
@@ -247,37 +244,34 @@ def run_embed_job(
         raise ValueError(f"on_bad_record must be 'fail' or 'skip', got {on_bad_record!r}")
     if queries is not None:
         queries.check_matches(spec)
-    if "://" in output:
-        raise ValueError("--output must be a local or shared-filesystem path (object-store output is not supported yet)")
     t0 = time.perf_counter()
-    shard_dir = os.path.join(output, "shards")
-    plan_file = os.path.join(output, "plan.json")
-    if overwrite and os.path.isdir(output):
-        for name in ("shards", "manifest.json", "plan.json", "index.faiss", "ids.parquet"):
-            p = os.path.join(output, name)
-            shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.unlink(p)
-    old = None
-    if os.path.exists(plan_file):
-        with open(plan_file, encoding="utf-8") as f:
-            old = json.load(f)
+    store = Store(output)
+    if overwrite:
+        for name in ("manifest.json", "shards", "plan.json", "index.faiss", "ids.parquet", "index"):
+            store.delete(name)
+    old = store.read_json("plan.json") if store.exists("plan.json") else None
+    if old is not None:
         # A resumed run keeps the shard size it started with, whatever the actor count now.
         rows_per_shard = rows_per_shard or old.get("rows_per_shard")
     actor_plan = plan_actors(num_actors, use_gpu)
     plan = plan_job(corpus, spec, rows_per_shard, actor_plan.num_actors, outputs)
     digest = plan_digest(plan)
+    committed = set(store.list("shards"))
     if old is not None:
         if old.get("digest") != digest:
             raise ValueError(
-                f"{output} holds the output of a different job ({_plan_changes(old, plan)} changed); pass "
+                f"{store.url()} holds the output of a different job ({_plan_changes(old, plan)} changed); pass "
                 f"--overwrite to replace it or choose another --output"
             )
-    elif os.path.isdir(shard_dir) and os.listdir(shard_dir):
-        raise ValueError(f"{shard_dir} holds shards but no plan.json; pass --overwrite or choose another --output")
-    os.makedirs(shard_dir, exist_ok=True)
-    write_json(plan_file, {"digest": digest, **plan})
+    elif committed:
+        raise ValueError(f"{store.url('shards')} holds shards but no plan.json; pass --overwrite or choose another "
+                         f"--output")
+    else:
+        store.makedirs("shards")
+        store.write_json("plan.json", {"digest": digest, **plan})
 
     shards = plan["shards"]
-    done = {s["index"] for s in shards if os.path.exists(os.path.join(shard_dir, f"part-{s['index']:05d}.parquet"))}
+    done = {s["index"] for s in shards if shard_name(s["index"]).removeprefix("shards/") in committed}
     pending = [s for s in shards if s["index"] not in done]
     logger.info("%d shards planned, %d already committed, %d to embed", len(shards), len(done), len(pending))
     query_items = queries.items() if queries is not None else []
@@ -286,14 +280,16 @@ def run_embed_job(
     t_embed_wall = time.time()
     n_actors = 0
     if pending or query_items:
-        results = _run_pipeline(corpus, output, spec if queries is None else queries.spec, outputs,
+        results = _run_pipeline(corpus, store, spec if queries is None else queries.spec, outputs,
                                 actor_plan.for_blocks(len(pending) or 1), query_items, pending, shards,
-                                on_bad_record == "skip", runtime_env, tokenize_in_prepare)
+                                on_bad_record == "skip", runtime_env, split_stages)
         n_actors = actor_plan.for_blocks(len(pending) or 1).num_actors
     query_vectors = _query_vectors(len(query_items), [r for r in results if r["item"] < 0]) if queries else None
     results = [r for r in results if r["item"] >= 0]
     embed_seconds = time.perf_counter() - t_embed
-    manifest = _verify_and_describe(plan, output, results)
+    t_verify = time.perf_counter()
+    manifest = _verify_and_describe(plan, store, results, actor_plan.read_cpus)
+    manifest["verify_seconds"] = round(time.perf_counter() - t_verify, 3)
     metas = [json.loads(r["meta"]) for r in results]
     manifest.update(
         digest=digest,
@@ -309,37 +305,38 @@ def run_embed_job(
         commit_seconds=round(sum(m["commit_seconds"] for m in metas), 3),
         first_shard_after_seconds=round(min(r["started"] for r in results) - t_embed_wall, 3) if results else None,
         actor_start_seconds=_actor_start(results, t_embed_wall),
+        shards_by_node=dict(collections.Counter(r["node"] for r in results)),
     )
     if index_kind and index_kind != "none":
         if "dense" in outputs:
             t_index = time.perf_counter()
-            manifest["index"] = build_shard_index(output, index_kind)
+            manifest["index"] = build_shard_index(store, index_kind, [s["file"] for s in manifest["shards"]])
             manifest["index"]["seconds"] = round(time.perf_counter() - t_index, 3)
         else:
             logger.info("no faiss index: the job writes no dense vectors (outputs %s)", ",".join(outputs))
     seconds = time.perf_counter() - t0
     manifest["seconds"] = round(seconds, 3)
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_json(os.path.join(output, "manifest.json"), manifest)
+    store.write_json("manifest.json", manifest)
     del ray
-    return EmbedJobResult(output, manifest["rows"], manifest["tokens"], seconds, manifest, query_vectors)
+    return EmbedJobResult(store.url(), manifest["rows"], manifest["tokens"], seconds, manifest, query_vectors)
 
 
-def _run_pipeline(corpus, output, spec, outputs, actors, query_items, pending, shards, skip_bad, runtime_env,
-                  tokenize_in_prepare):
+def _run_pipeline(corpus, store, spec, outputs, actors, query_items, pending, shards, skip_bad, runtime_env,
+                  split_stages):
     """Query items and pending shards through read + tokenise -> model -> commit; one record per item."""
     import ray.data
 
     text_fields = tuple(corpus.text_fields) if corpus.text_fields else None
-    reader = functools.partial(read_shard_item, id_field=corpus.id_field, text_fields=text_fields, skip_bad=skip_bad)
+    reader = functools.partial(read_shard_item, id_field=corpus.id_field, text_fields=text_fields, skip_bad=skip_bad,
+                               input_uri=corpus.path)
     # Query items are small: they go first and the actor that took them moves on.
     items = query_items + [item_row(s["index"], PASSAGE, [], None, meta=s) for s in pending]
     ds = ray.data.from_arrow([to_table([r]) for r in items])
-    embedded = model_stage(ds, spec, actors, outputs, reader=reader, fault_dir=output, runtime_env=runtime_env,
-                           n_items=len(items), tokenize=tokenize_in_prepare)
-    committed = embedded.map_batches(commit_items, fn_kwargs={"output": output, "outputs": outputs}, batch_size=1,
-                                     batch_format="pyarrow", num_cpus=actors.read_cpus,
-                                     **({"runtime_env": runtime_env} if runtime_env else {}))
+    commit = functools.partial(commit_items, store=store, outputs=outputs)
+    committed = model_stage(ds, spec, actors, outputs, reader=reader, commit=commit,
+                            fault_dir=store.path() if store.local else None, runtime_env=runtime_env,
+                            n_items=len(items), split=split_stages)
     planned = sum(s["rows"] for s in shards)
     progress = Progress(planned, len(pending), done_rows=planned - sum(s["rows"] for s in pending))
     results = []
@@ -361,51 +358,52 @@ def _query_vectors(n_items: int, results: list[dict]) -> Vectors:
 
 def _actor_start(results: list[dict], t0: float) -> dict | None:
     """Per actor (told apart by construction time): when its process began the constructor, after the
-    embed stage began, and how long the constructor (imports, model load) took."""
-    seen = {r["init_started"]: (r["init_seconds"], r["process_started"]) for r in results}
+    embed stage began, how long the constructor (imports, model load) took, and its Ray node."""
+    seen = {r["init_started"]: (r["init_seconds"], r["process_started"], r["node"]) for r in results}
     if not seen:
         return None
     return {"process_began_after": [round(seen[s][1] - t0, 3) for s in sorted(seen)],
             "constructor_began_after": [round(s - t0, 3) for s in sorted(seen)],
-            "constructor_seconds": [round(seen[s][0], 3) for s in sorted(seen)]}
+            "constructor_seconds": [round(seen[s][0], 3) for s in sorted(seen)],
+            "nodes": [seen[s][2] for s in sorted(seen)]}
 
 
-def _verify_and_describe(plan: dict, output: str, results: list[dict]) -> dict:
-    """Every planned shard committed, row counts add up, ids unique; else raise (no manifest)."""
+def _verify_and_describe(plan: dict, store: Store, results: list[dict], task_cpus: float) -> dict:
+    """Every planned shard committed, row counts add up, ids unique (checked by cluster tasks,
+    :mod:`bge_ray.batch.verify`); else raise (no manifest). The manifest from per-shard statistics."""
+    from .verify import verify_shards
+
     bad_by_shard = {}
     for r in results:
         meta = json.loads(r["meta"])
         bad_by_shard[r["item"]] = (meta["n_bad"], meta["bad"])
-    shards, rows, tokens, seen, dim, colbert_dim, bad, bad_examples = [], 0, 0, {}, None, None, 0, []
-    for s in plan["shards"]:
-        path = os.path.join(output, "shards", f"part-{s['index']:05d}.parquet")
-        if not os.path.exists(path):
-            raise RuntimeError(f"shard {s['index']} ({s['file']} rows {s['start']}..) was not committed")
-        table = pq.read_table(path, columns=["id", "n_tokens"])
-        n_bad, examples = bad_by_shard.get(s["index"], (s["rows"] - table.num_rows, []))
-        if table.num_rows + n_bad != s["rows"]:
+    planned = {s["index"]: s for s in plan["shards"]}
+    stats, n_dups, dup_examples = verify_shards(store, sorted(planned), sum(s["rows"] for s in planned.values()),
+                                                num_cpus=task_cpus)
+    shards, rows, tokens, dim, colbert_dim, bad, bad_examples = [], 0, 0, None, None, 0, []
+    for index, st in zip(sorted(planned), stats, strict=True):
+        s = planned[index]
+        if st is None:
+            raise RuntimeError(f"shard {index} ({s['file']} rows {s['start']}..) was not committed")
+        n_bad, examples = bad_by_shard.get(index, (s["rows"] - st.rows, []))
+        if st.rows + n_bad != s["rows"]:
             raise RuntimeError(
-                f"shard {s['index']} holds {table.num_rows} rows (+{n_bad} skipped), planned {s['rows']}: "
+                f"shard {index} holds {st.rows} rows (+{n_bad} skipped), planned {s['rows']}: "
                 f"did {s['file']} change while the job ran?"
             )
-        for i in table["id"].to_pylist():
-            if i in seen:
-                raise ValueError(
-                    f"duplicate id {i!r}: in {s['file']} (shard {s['index']}) and shard {seen[i]}; ids must be "
-                    f"unique, no manifest was written"
-                )
-            seen[i] = s["index"]
-        schema = pq.read_schema(path)
-        if dim is None and "embedding" in schema.names:
-            dim = schema.field("embedding").type.list_size
-        if colbert_dim is None and "colbert" in schema.names:
-            colbert_dim = schema.field("colbert").type.value_type.list_size
+        dim = dim or st.dim
+        colbert_dim = colbert_dim or st.colbert_dim
         bad += n_bad
         bad_examples += examples
-        rows += table.num_rows
-        tokens += int(np.asarray(table["n_tokens"]).sum())
-        shards.append({"file": f"shards/{os.path.basename(path)}", "rows": table.num_rows, "input": s["file"],
-                       "start": s["start"]})
+        rows += st.rows
+        tokens += st.tokens
+        shards.append({"file": shard_name(index), "rows": st.rows, "input": s["file"], "start": s["start"]})
+    if n_dups:
+        i, a, b = dup_examples[0]
+        raise ValueError(
+            f"duplicate id {i!r}: in {planned[b]['file']} (shard {b}) and shard {a}; {n_dups} id(s) occur more "
+            f"than once, ids must be unique, no manifest was written"
+        )
     spec = plan["embedder"]
     return {
         "input": plan["input"],
@@ -416,7 +414,7 @@ def _verify_and_describe(plan: dict, output: str, results: list[dict]) -> dict:
         "colbert_dim": colbert_dim,
         "normalized": spec["normalize_embeddings"],
         "rows": rows,
-        "unique_ids": len(seen),
+        "unique_ids": rows,
         "tokens": tokens,
         "bad_records": bad,
         "bad_record_examples": bad_examples[:20],
@@ -424,18 +422,22 @@ def _verify_and_describe(plan: dict, output: str, results: list[dict]) -> dict:
     }
 
 
-def build_shard_index(output: str, kind: str = "flat") -> dict:
-    """A faiss index over every shard (added shard by shard) plus ``ids.parquet`` (row -> id)."""
+def build_shard_index(store: Store | str, kind: str = "flat", files: list[str] | None = None) -> dict:
+    """A faiss index over the shards ``files`` (default: every ``shards/*.parquet``), added shard by
+    shard, plus ``ids.parquet`` (row -> id)."""
+    import tempfile
+
     from bge_ray.index.faiss_index import build_index, save_index
-    from bge_ray.io.atomic import atomic_path
     from bge_ray.io.shards import to_numpy
 
-    files = shard_files(os.path.join(output, "shards"))
+    store = Store(store) if isinstance(store, str) else store
+    if files is None:
+        files = [f"shards/{name}" for name in store.list("shards") if name.endswith(".parquet")]
     ids: list[str] = []
     index = None
     if kind in ("flat", "hnsw"):
         for f in files:
-            t = pq.read_table(f, columns=["id", "embedding"])
+            t = store.read_parquet(f, columns=["id", "embedding"])
             emb = to_numpy(t["embedding"])
             if index is None:
                 index = build_index(emb, kind)
@@ -444,9 +446,11 @@ def build_shard_index(output: str, kind: str = "flat") -> dict:
             ids += t["id"].to_pylist()
     else:
         # IVF variants train on the whole set's distribution, so read it once.
-        ids, emb = read_embeddings(os.path.join(output, "shards"))
-        index = build_index(emb, kind)
-    save_index(index, os.path.join(output, "index.faiss"))
-    with atomic_path(os.path.join(output, "ids.parquet")) as tmp:
-        pq.write_table(pa.table({"id": pa.array(ids, pa.string())}), tmp)
+        tables = [store.read_parquet(f, columns=["id", "embedding"]) for f in files]
+        ids = [i for t in tables for i in t["id"].to_pylist()]
+        index = build_index(np.concatenate([to_numpy(t["embedding"]) for t in tables]), kind)
+    with tempfile.TemporaryDirectory(prefix="bge_ray_index_") as tmp:
+        save_index(index, os.path.join(tmp, "index.faiss"))
+        store.upload(os.path.join(tmp, "index.faiss"), "index.faiss")
+    store.write_parquet("ids.parquet", pa.table({"id": pa.array(ids, pa.string())}))
     return {"kind": kind, "file": "index.faiss", "ids": "ids.parquet", "ntotal": int(index.ntotal)}

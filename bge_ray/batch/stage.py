@@ -4,9 +4,9 @@ A work item is one Ray Data row holding a whole unit of work (a shard of the cor
 queries, a chunk of reranking pairs), so a block never splits an item and an actor call is sized by
 the caller, not by Ray Data's block shaping. Arrays travel packed as bytes (:func:`pack`).
 
-- prepare (tasks, CPU): reads the item's rows when it names a shard (``reader``) and, for GPU
-  actors, tokenises passages with the model's tokenizer, so an accelerator never waits on parsing
-  or tokenising;
+- prepare (tasks, CPU; for GPU actors): reads the item's rows when it names a shard (``reader``) and
+  tokenises passages with the model's tokenizer, so an accelerator never waits on parsing or
+  tokenising (CPU actors read and tokenise their own items: :func:`model_stage`);
 - model (actors, one per GPU or per core share): role-aware. ``passage`` items run the model on their
   token ids (dense / sparse / ColBERT outputs), ``query`` items go through ``encode_queries`` (query
   instruction, ICL examples, ``query_max_length``), ``pair`` items through ``compute_score``.
@@ -44,7 +44,7 @@ ITEM_SCHEMA = pa.schema(
      ("meta", pa.string()), ("dim", pa.int64()), ("colbert_dim", pa.int64())]
     + [(name, pa.large_binary()) for name in _PACKED]
     + [("started", pa.float64()), ("model_seconds", pa.float64()), ("init_started", pa.float64()),
-       ("init_seconds", pa.float64()), ("process_started", pa.float64())]
+       ("init_seconds", pa.float64()), ("process_started", pa.float64()), ("node", pa.string())]
 )
 
 
@@ -128,8 +128,10 @@ def prepare_items(batch: pa.Table, spec, reader: Callable[[dict], tuple[list, li
 # -- the accelerator stage -------------------------------------------------------------------------
 def _maybe_inject_fault(marker_dir: str | None, item: int) -> None:
     """Test hook: ``BGE_RAY_FAULT=exit:N`` kills the actor process (once) when it reaches item N,
-    ``raise:N`` raises instead; a marker file in ``marker_dir`` makes it the first attempt only."""
+    ``raise:N`` raises instead; a marker file in ``marker_dir`` (or ``BGE_RAY_FAULT_DIR``, for outputs
+    on an object store) makes it the first attempt only."""
     fault = os.environ.get("BGE_RAY_FAULT", "")
+    marker_dir = os.environ.get("BGE_RAY_FAULT_DIR") or marker_dir
     if not fault or marker_dir is None:
         return
     kind, _, n = fault.partition(":")
@@ -148,18 +150,25 @@ class ModelActor:
     """Ray Data callable class: loads the model once (embedder or reranker spec), runs each item."""
 
     def __init__(self, spec, torch_threads: int | None = None, outputs: Sequence[str] = ("dense",),
-                 fault_dir: str | None = None):
+                 fault_dir: str | None = None, reader: Callable | None = None,
+                 commit: Callable[[pa.Table], pa.Table] | None = None):
         import psutil
+        import ray
 
         from .runtime import actor_device
 
         self.init_started = time.time()
         self.process_started = psutil.Process().create_time()
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.spec, self.outputs, self.fault_dir = spec, parse_outputs(outputs), fault_dir
+        self.reader, self.commit = reader, commit
         self.model = spec.load(devices=actor_device(torch_threads))
         self.init_seconds = time.time() - self.init_started
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Each item through (read, when given a ``reader``) the model (and ``commit``, when given)."""
+        if self.reader is not None:
+            batch = prepare_items(batch, self.spec, self.reader, tokenize=False)
         out = []
         for row in batch.to_pylist():
             started, t0 = time.time(), time.perf_counter()
@@ -170,9 +179,9 @@ class ModelActor:
                 self._embed(row)
             row.update(texts=None, passages=None, tokens=None, token_counts=None, started=started,
                        model_seconds=time.perf_counter() - t0, init_started=self.init_started,
-                       init_seconds=self.init_seconds, process_started=self.process_started)
+                       init_seconds=self.init_seconds, process_started=self.process_started, node=self.node)
             out.append(row)
-        return to_table(out)
+        return to_table(out) if self.commit is None else self.commit(to_table(out))
 
     def _score(self, row: dict) -> None:
         pairs = list(zip(row["texts"], row["passages"], strict=True))
@@ -234,35 +243,44 @@ class ModelActor:
         return got
 
 
-def model_stage(ds, spec, plan, outputs: Sequence[str] = ("dense",), reader=None, fault_dir: str | None = None,
-                runtime_env: dict | None = None, n_items: int | None = None, tokenize: bool | None = None):
-    """``ds`` (rows of :data:`ITEM_SCHEMA`) through the prepare tasks and the model actor pool.
+def model_stage(ds, spec, plan, outputs: Sequence[str] = ("dense",), reader=None, commit=None,
+                fault_dir: str | None = None, runtime_env: dict | None = None, n_items: int | None = None,
+                split: bool | None = None):
+    """``ds`` (rows of :data:`ITEM_SCHEMA`) through read -> model -> commit.
 
-    ``tokenize``: whether the prepare tasks tokenise passages (default: when the actors have GPUs).
+    ``plan`` is a :class:`bge_ray.batch.runtime.ActorPlan`; ``reader(meta)`` reads a shard item's rows,
+    ``commit(table)`` writes finished items (and returns their records).
 
-    ``plan`` is a :class:`bge_ray.batch.runtime.ActorPlan`. One item per actor call; with many items
-    per actor, two are in flight so the next item's arguments arrive while the current one runs.
+    ``split`` (default: when the actors have GPUs) makes three stages: prepare tasks read and tokenise,
+    the actors run only the model, commit tasks write, so an accelerator never waits on the CPU work.
+    Without it each CPU actor reads, tokenises, runs and commits its own items: CPU actors share the
+    cores with any task beside them, and every extra stage costs worker processes and their imports
+    at the start and end of a job (benchmarks/README.md, "Embed job").
+
+    One item per actor call; with many items per actor, two are in flight so the next item's
+    arguments arrive while the current one runs.
     """
     from ray.data import ActorPoolStrategy
 
     extra = {"runtime_env": runtime_env} if runtime_env else {}
-    # An accelerator must not wait on the tokenizer, so GPU actors get token ids. CPU actors share the
-    # cores with any tokenising task, so they tokenise their own items and the prepare tasks stay
-    # light (no torch or tokenizer to import in more processes; benchmarks/README.md, "Embed job").
-    tokenize = plan.num_gpus > 0 if tokenize is None else tokenize
-    prepared = ds.map_batches(prepare_items, fn_kwargs={"spec": spec, "reader": reader, "tokenize": tokenize},
-                              batch_size=1,
-                              batch_format="pyarrow", num_cpus=plan.read_cpus, **extra)
+    split = plan.num_gpus > 0 if split is None else split
+    if split:
+        ds = ds.map_batches(prepare_items, fn_kwargs={"spec": spec, "reader": reader, "tokenize": True},
+                            batch_size=1, batch_format="pyarrow", num_cpus=plan.read_cpus, **extra)
     # One item in flight per actor while items are few: Ray Data would otherwise queue every item of
     # a small job on the first actor to start and leave the others idle.
     in_flight = 2 if n_items is not None and n_items >= 4 * plan.num_actors else 1
-    return prepared.map_batches(
+    ds = ds.map_batches(
         ModelActor,
         fn_constructor_kwargs={"spec": spec, "torch_threads": plan.torch_threads, "outputs": parse_outputs(outputs),
-                               "fault_dir": fault_dir},
+                               "fault_dir": fault_dir, "reader": None if split else reader,
+                               "commit": None if split else commit},
         compute=ActorPoolStrategy(size=plan.num_actors, max_tasks_in_flight_per_actor=in_flight),
         batch_size=1, batch_format="pyarrow", num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, **extra,
     )
+    if split and commit is not None:
+        ds = ds.map_batches(commit, batch_size=1, batch_format="pyarrow", num_cpus=plan.read_cpus, **extra)
+    return ds
 
 
 # -- results ---------------------------------------------------------------------------------------

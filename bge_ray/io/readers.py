@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from .store import filesystem, is_uri
+
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
 
 
@@ -25,14 +27,10 @@ class CorpusSpec:
     format: str | None = None  # None: from the file extension
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def expand_paths(path: str) -> tuple[list[str], pafs.FileSystem | None]:
     """Files behind ``path``: one file, a glob, a folder of files, or a BEIR folder (its corpus.jsonl)."""
-    if _is_uri(path):
-        fs, root = pafs.FileSystem.from_uri(path)
+    if is_uri(path):
+        fs, root = filesystem(path)
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.Directory:
             beir = f"{root.rstrip('/')}/corpus.jsonl"

@@ -9,6 +9,7 @@ and checks them, naming file and line for every bad record.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -38,10 +39,39 @@ class BadRecordError(ValueError):
     """An input row that cannot be embedded; the message names file and line (or row)."""
 
 
+class _Raw(io.RawIOBase):
+    """A pyarrow input file as a Python raw stream, so it buffers and reads lines like ``open``'s."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seekable(self):
+        return self.f.seekable()
+
+    def seek(self, pos, whence=0):
+        return self.f.seek(pos, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
 def _open(path: str, fs: pafs.FileSystem | None):
+    """A buffered binary stream (``readline``, iteration, ``seek``) on a local or object-store file."""
     if fs is None:
         return open(path, "rb")
-    return fs.open_input_file(path)
+    return io.BufferedReader(_Raw(fs.open_input_file(path)), 1 << 20)
 
 
 def file_fingerprint(path: str, fs: pafs.FileSystem | None) -> dict:
@@ -53,11 +83,12 @@ def file_fingerprint(path: str, fs: pafs.FileSystem | None) -> dict:
 
 
 def approx_rows(path: str, fmt: str, fs: pafs.FileSystem | None = None) -> int:
-    """Cheap row estimate used to size shards: parquet metadata, else a newline count."""
+    """Cheap row estimate used to size shards: parquet metadata, else a newline count (of the
+    decompressed stream for ``.gz``)."""
     if fmt == "parquet":
-        return _count_rows(path, fmt, fs)
+        return _parquet_rows(path, fs)
     n = 0
-    with _open(path, fs) as f:
+    with _open_text_stream(path, fs) as f:
         while chunk := f.read(1 << 24):
             n += chunk.count(b"\n")
     return n
@@ -74,58 +105,118 @@ def auto_rows_per_shard(total_rows: int, num_actors: int, low: int = 1024, high:
 
 
 def plan_file(path: str, fmt: str, rows_per_shard: int, fs: pafs.FileSystem | None = None) -> list[dict]:
-    """Shard boundaries of one file, as dicts (``Shard`` fields without ``index``)."""
-    if fmt == "json" and not path.endswith(".gz"):
-        return _plan_jsonl(path, rows_per_shard, fs)
-    n = _count_rows(path, fmt, fs)
-    return [
-        {"file": path, "format": fmt, "start": s, "rows": min(rows_per_shard, n - s)}
-        for s in range(0, n, rows_per_shard)
-    ]
+    """Shard boundaries of one file, as dicts (``Shard`` fields without ``index``).
 
-
-def _plan_jsonl(path: str, rows_per_shard: int, fs) -> list[dict]:
-    shards, rows, offset, line_no = [], 0, 0, 0
-    current = None
-    with _open(path, fs) as f:
-        for line in f:
-            line_no += 1
-            if line.strip():
-                if rows % rows_per_shard == 0:
-                    current = {"file": path, "format": "json", "start": rows, "rows": 0, "offset": offset,
-                               "first_line": line_no}
-                    shards.append(current)
-                current["rows"] += 1
-                rows += 1
-            offset += len(line)
+    Parquet from its metadata; jsonl and csv from one streamed pass over the records, remembering
+    where each shard starts (byte offset and line; for ``.gz``, whose stream cannot seek, the line).
+    """
+    if fmt == "parquet":
+        n = _parquet_rows(path, fs)
+        return [{"file": path, "format": fmt, "start": s, "rows": min(rows_per_shard, n - s)}
+                for s in range(0, n, rows_per_shard)]
+    gz = path.endswith(".gz")
+    shards, current = [], None
+    with _open_text_stream(path, fs) as f:
+        records = _records(f, fmt == "csv")
+        if fmt == "csv":
+            next(records, None)  # the header
+        for n, (offset, line_no, _) in enumerate(records):
+            if n % rows_per_shard == 0:
+                current = {"file": path, "format": fmt, "start": n, "rows": 0, "offset": None if gz else offset,
+                           "first_line": line_no}
+                shards.append(current)
+            current["rows"] += 1
     return shards
 
 
-def _count_rows(path: str, fmt: str, fs) -> int:
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        with _open(path, fs) as f:
-            return pq.ParquetFile(f).metadata.num_rows
-    return _read_whole(path, fmt, fs).num_rows
-
-
-def _read_whole(path: str, fmt: str, fs) -> pa.Table:
-    with _open(path, fs) as f:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(f)
-        if fmt == "csv":
-            import pyarrow.csv as pacsv
-
-            delim = "\t" if path.lower().removesuffix(".gz").endswith(".tsv") else ","
-            return pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=delim))
+def _open_text_stream(path: str, fs):
+    """A binary stream of the file's bytes, decompressed for ``.gz``."""
+    f = _open(path, fs)
+    if path.endswith(".gz"):
         import gzip
 
-        lines = gzip.decompress(f.read()).splitlines() if path.endswith(".gz") else f.read().splitlines()
-        rows = [_parse_json(line, path, n) for n, line in enumerate(lines, 1) if line.strip()]
-        return pa.Table.from_pylist(rows)
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    return f
+
+
+def _records(f, csv: bool):
+    """``(byte offset, first line number, bytes)`` of every non-blank record from ``f``'s position.
+
+    jsonl: one record per line. csv: a record ends at a line end outside double quotes (RFC 4180
+    quoting, where an escaped quote is two quotes, so quote parity decides), so quoted newlines stay
+    inside their record.
+    """
+    offset, line_no = f.tell() if hasattr(f, "tell") else 0, 0
+    pending, pending_offset, pending_line, in_quotes = [], 0, 0, False
+    for line in f:
+        line_no += 1
+        if not pending:
+            pending_offset, pending_line = offset, line_no
+        offset += len(line)
+        if csv:
+            pending.append(line)
+            if line.count(b'"') % 2:
+                in_quotes = not in_quotes
+            if in_quotes:
+                continue
+            record, pending = b"".join(pending), []
+        else:
+            record = line
+        if record.strip():
+            yield pending_offset, pending_line, record
+    if pending and b"".join(pending).strip():
+        yield pending_offset, pending_line, b"".join(pending)
+
+
+def _parquet_rows(path: str, fs) -> int:
+    import pyarrow.parquet as pq
+
+    with _open(path, fs) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _shard_records(shard: Shard, fs):
+    """The shard's records as ``(line number, bytes)``, and the csv header record (or None)."""
+    header = None
+    if shard.format == "csv":
+        with _open_text_stream(shard.file, fs) as f:
+            first = next(_records(f, True), None)
+        header = first[2] if first else b""
+    with _open_text_stream(shard.file, fs) as f:
+        if shard.offset is not None:
+            f.seek(shard.offset)
+        else:  # a .gz stream cannot seek: read forward to the shard's first line
+            for _ in range(shard.first_line - 1):
+                if not f.readline():
+                    break
+        out = []
+        for _, line_no, record in _records(f, shard.format == "csv"):
+            if len(out) == shard.rows:
+                break
+            out.append((shard.first_line - 1 + line_no, record))
+    if len(out) < shard.rows:
+        raise BadRecordError(f"{shard.file}: ended after {len(out)} of the shard's {shard.rows} rows from line "
+                             f"{shard.first_line}; did the file change since planning?")
+    return out, header
+
+
+def _read_csv_shard(shard: Shard, fs) -> pa.Table:
+    """Header + the shard's records, parsed by pyarrow's csv reader; rows must match the plan."""
+    import pyarrow.csv as pacsv
+
+    records, header = _shard_records(shard, fs)
+    delim = "\t" if shard.file.lower().removesuffix(".gz").endswith(".tsv") else ","
+    body = header + b"".join(r if r.endswith(b"\n") else r + b"\n" for _, r in records)
+    try:
+        table = pacsv.read_csv(io.BytesIO(body), parse_options=pacsv.ParseOptions(delimiter=delim),
+                               convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+    except pa.ArrowInvalid as exc:
+        lines = f"{records[0][0]}-{records[-1][0]}" if records else "?"
+        raise BadRecordError(f"{shard.file}: lines {lines}: malformed CSV ({exc})") from None
+    if table.num_rows != shard.rows:
+        raise BadRecordError(f"{shard.file}: lines {records[0][0]}-{records[-1][0]} hold {table.num_rows} CSV rows, "
+                             f"planned {shard.rows}")
+    return table
 
 
 def _parse_json(line: bytes, path: str, line_no: int) -> dict:
@@ -146,12 +237,12 @@ def read_shard(
     skip_bad: bool = False,
 ) -> tuple[pa.Table, list[str]]:
     """The shard's ``{id, text}`` rows and, with ``skip_bad``, where each skipped bad record was."""
-    if shard.format == "json" and shard.offset is not None:
+    if shard.format == "json":
         return _read_jsonl_shard(shard, id_field, text_fields, fs, skip_bad)
     if shard.format == "parquet":
         table, idf, tf = _read_parquet_rows(shard, id_field, text_fields, fs)
     else:
-        table = _read_whole(shard.file, shard.format, fs).slice(shard.start, shard.rows)
+        table = _read_csv_shard(shard, fs)
         idf, tf = pick_fields(table.column_names, id_field, text_fields, shard.file)
     ids, texts, bad = [], [], []
     for k, (i, row) in enumerate(zip(table[idf].to_pylist(), table.select(list(tf)).to_pylist(), strict=True)):
@@ -191,33 +282,24 @@ def _read_parquet_rows(shard: Shard, id_field, text_fields, fs):
 def _read_jsonl_shard(shard, id_field, text_fields, fs, skip_bad):
     ids, rows, bad = [], [], []
     idf = tf = None
-    with _open(shard.file, fs) as f:
-        f.seek(shard.offset)
-        line_no, seen = shard.first_line - 1, 0
-        while seen < shard.rows:
-            line = f.readline()
-            if not line:
-                raise BadRecordError(f"{shard.file}: ended after line {line_no}; did the file change since planning?")
-            line_no += 1
-            if not line.strip():
-                continue
-            seen += 1
-            where = f"{shard.file}:{line_no}"
-            try:
-                row = _parse_json(line, shard.file, line_no)
-                if idf is None:
-                    idf, tf = pick_fields(list(row), id_field, text_fields, where)
-                problem = _check(row.get(idf), row, idf, tf)
-            except (BadRecordError, ValueError) as exc:
-                problem = str(exc).removeprefix(f"{where}: ")
-                row = None
-            if problem:
-                if not skip_bad:
-                    raise BadRecordError(f"{where}: {problem}")
-                bad.append(f"{where}: {problem}")
-                continue
-            ids.append(str(row[idf]))
-            rows.append({k: row.get(k) for k in tf})
+    records, _ = _shard_records(shard, fs)
+    for line_no, line in records:
+        where = f"{shard.file}:{line_no}"
+        try:
+            row = _parse_json(line, shard.file, line_no)
+            if idf is None:
+                idf, tf = pick_fields(list(row), id_field, text_fields, where)
+            problem = _check(row.get(idf), row, idf, tf)
+        except (BadRecordError, ValueError) as exc:
+            problem = str(exc).removeprefix(f"{where}: ")
+            row = None
+        if problem:
+            if not skip_bad:
+                raise BadRecordError(f"{where}: {problem}")
+            bad.append(f"{where}: {problem}")
+            continue
+        ids.append(str(row[idf]))
+        rows.append({k: row.get(k) for k in tf})
     return _rows_table(ids, rows, tf or ("text",)), bad
 
 

@@ -1,0 +1,88 @@
+"""A real two-node Ray cluster (two raylets on 127.0.0.1, tests/multinode.py): the embed job places
+an actor on each node and survives the worker node's raylet being SIGKILLed mid-job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from tests.multinode import start_two_node_cluster, wait_until
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+ROWS, ROWS_PER_SHARD, MAX_LEN = 1200, 40, 64
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    cluster = start_two_node_cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data, tmp_path_factory):
+    """The first ROWS msmarco-subset passages, as a jsonl the job and the oracle both read."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    lines = (shared_data / "beir" / "msmarco-subset" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(lines[:ROWS]) + "\n", encoding="utf-8")
+    rows = [json.loads(line) for line in lines[:ROWS]]
+    return path, [r["_id"] for r in rows], [f"{r['title']} {r['text']}".strip() if r.get("title") else r["text"]
+                                            for r in rows]
+
+
+def _job(cluster, args):
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "embed_corpus.py"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_cluster_fixture_is_two_raylets_on_loopback(two_nodes):
+    out = two_nodes.run_python(
+        "import ray, json\nray.init(log_to_driver=False)\n"
+        "print(json.dumps([[n['NodeManagerAddress'], n['Resources'].get('CPU')] for n in ray.nodes() if n['Alive']]))"
+    )
+    nodes = json.loads(out.strip().splitlines()[-1])
+    assert len(nodes) == 2 and all(addr == "127.0.0.1" and cpu == 1.0 for addr, cpu in nodes)
+
+
+def test_embed_job_spans_both_nodes_and_survives_losing_one(two_nodes, corpus, tmp_path):
+    from bge_ray import FlagModel
+    from bge_ray.models.loading import bundled_model_path
+
+    path, ids, texts = corpus
+    out = tmp_path / "out"
+    proc = _job(two_nodes, ["--input", str(path), "--output", str(out), "--num-actors", "2", "--rows-per-shard",
+                            str(ROWS_PER_SHARD), "--max-length", str(MAX_LEN), "--batch-size", "32", "--index", "flat"])
+    shards = out / "shards"
+    # Kill the worker node once both actors have committed work, well before the end.
+    wait_until(lambda: len(list(shards.glob("part-*.parquet"))) >= 4 or proc.poll() is not None, 240,
+               "the first shards")
+    assert proc.poll() is None, f"the job ended before the node was killed:\n{proc.stdout.read()}"
+    committed_before = len(list(shards.glob("part-*.parquet")))
+    two_nodes.kill_worker_node()
+    try:
+        log, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-6000:]
+    assert committed_before < ROWS // ROWS_PER_SHARD, "the node was killed after the job had finished its work"
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"] == manifest["unique_ids"] == ROWS
+    # Both nodes ran an actor (the worker node's before it was lost).
+    assert len(set(manifest["actor_start_seconds"]["nodes"])) == 2, manifest["actor_start_seconds"]
+    table = pads.dataset(str(shards), format="parquet").to_table()
+    got = dict(zip(table["id"].to_pylist(), table["embedding"].to_numpy(zero_copy_only=False), strict=True))
+    assert table.num_rows == ROWS and sorted(got) == sorted(ids), "every id exactly once"
+    want = FlagModel(str(bundled_model_path()), pooling_method="mean", use_fp16=False, devices="cpu",
+                     passage_max_length=MAX_LEN, batch_size=32).encode_corpus(texts)
+    np.testing.assert_allclose(np.stack([got[i] for i in ids]), want, atol=1e-5)
+    assert manifest["index"]["ntotal"] == ROWS
