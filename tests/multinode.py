@@ -1,5 +1,11 @@
-"""A real two-node Ray cluster on this machine: two raylets on 127.0.0.1, started with ``ray start``
-as on any cluster, each with one CPU and a custom resource naming it, torn down by process id.
+"""A real two-node Ray cluster on this machine: two raylets, every process on 127.0.0.1, each node
+with 2 logical CPUs and a custom resource naming it, torn down by process id.
+
+``ray start`` cannot do this: for a second node it wants ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1``, and
+then it turns ``--node-ip-address 127.0.0.1`` into the machine's network address. So a small host
+process (``python -m tests.multinode``) starts both nodes with Ray's own ``cluster_utils.Cluster``
+under ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (loopback) and holds them until it is killed. With one
+CPU per node an actor-pool Data job hangs (../shared/DESIGN.md); two logical CPUs per node run.
 
 Jobs run against it as separate driver processes (``RAY_ADDRESS``), as ``ray job submit`` would
 run them, so the pytest process keeps its own local Ray for the other tests.
@@ -9,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,18 +24,13 @@ from pathlib import Path
 
 import psutil
 
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+NODE_CPUS = 2
 
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0")
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -40,38 +40,27 @@ class TwoNodeCluster:
     """Head (resource ``node_head``) and worker (``node_worker``) raylets, both on 127.0.0.1."""
 
     temp_dir: str
-    port: int
+    address: str = ""
+    host: subprocess.Popen | None = None
     pids: set[int] = field(default_factory=set)
 
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _ray_start(self, *args: str) -> None:
-        before = self._processes()
-        cmd = [RAY, "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0",
-               "--disable-usage-stats", *args]
-        out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
-        self.pids |= self._processes() - before
-
-    def start(self) -> TwoNodeCluster:
-        self._ray_start("--head", "--port", str(self.port), "--temp-dir", self.temp_dir, "--include-dashboard",
-                        "false", "--resources", '{"node_head": 1}', "--min-worker-port", "20000",
-                        "--max-worker-port", "20999")
-        self._ray_start("--address", self.address, "--resources", '{"node_worker": 1}',
-                        "--min-worker-port", "21000", "--max-worker-port", "21999")
-        self.wait_for_nodes(2)
+    def start(self, timeout: float = 120) -> TwoNodeCluster:
+        ready = Path(self.temp_dir) / "address"
+        self.host = subprocess.Popen([sys.executable, "-m", "tests.multinode", self.temp_dir, str(ready)],
+                                     env=_env(), cwd=Path(__file__).resolve().parents[1],
+                                     stdout=subprocess.DEVNULL, stderr=open(Path(self.temp_dir) / "host.log", "w"))
+        wait_until(lambda: ready.exists() or self.host.poll() is not None, timeout, "the two Ray nodes")
+        if not ready.exists():
+            raise RuntimeError(f"the cluster host exited:\n{(Path(self.temp_dir) / 'host.log').read_text()[-4000:]}")
+        self.address = ready.read_text().strip()
+        self.pids = self._processes() | {self.host.pid}
         return self
 
     def _processes(self) -> set[int]:
-        """Every process of this cluster: their command lines name its temp dir (the session), or
-        its GCS port."""
+        """Every process of this cluster: their command lines name its temp dir (the session)."""
         found = set()
         for p in psutil.process_iter(["pid", "cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if self.temp_dir in cmd or f"127.0.0.1:{self.port}" in cmd:
+            if self.temp_dir in " ".join(p.info["cmdline"] or []):
                 found.add(p.info["pid"])
         return found
 
@@ -82,16 +71,6 @@ class TwoNodeCluster:
         if out.returncode != 0:
             raise RuntimeError(f"driver failed:\n{out.stdout}\n{out.stderr[-4000:]}")
         return out.stdout
-
-    def wait_for_nodes(self, n: int, timeout: float = 60) -> None:
-        code = ("import ray, time\nray.init(log_to_driver=False)\n"
-                f"deadline = time.time() + {timeout}\n"
-                f"while len([x for x in ray.nodes() if x['Alive']]) < {n} and time.time() < deadline:\n"
-                "    time.sleep(0.5)\n"
-                "print(len([x for x in ray.nodes() if x['Alive']]))\n")
-        alive = int(self.run_python(code, timeout=timeout + 30).strip().splitlines()[-1])
-        if alive < n:
-            raise RuntimeError(f"{alive} of {n} Ray nodes came up")
 
     def worker_raylet_pid(self) -> int:
         """The worker node's raylet: the raylet process whose resources name ``node_worker``."""
@@ -121,8 +100,7 @@ class TwoNodeCluster:
 
 
 def start_two_node_cluster() -> TwoNodeCluster:
-    temp_dir = tempfile.mkdtemp(prefix="bgeray2n_", dir="/tmp")
-    cluster = TwoNodeCluster(temp_dir, _free_port())
+    cluster = TwoNodeCluster(tempfile.mkdtemp(prefix="bgeray2n_", dir="/tmp"))
     try:
         return cluster.start()
     except BaseException:
@@ -137,3 +115,25 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2) -> N
             return
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _host(temp_dir: str, ready: str) -> None:
+    """The cluster host: both nodes on loopback, the head's address written to ``ready``, then wait."""
+    from ray.cluster_utils import Cluster
+
+    common = {"num_cpus": NODE_CPUS, "object_store_memory": 300 * 1024 * 1024}
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
+        **common, "resources": {"node_head": 1}, "temp_dir": temp_dir, "include_dashboard": False,
+        "node_ip_address": "127.0.0.1"})
+    cluster.add_node(**common, resources={"node_worker": 1}, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    with open(ready + ".tmp", "w") as f:
+        f.write(cluster.address)
+    os.replace(ready + ".tmp", ready)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    _host(sys.argv[1], sys.argv[2])

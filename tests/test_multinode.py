@@ -50,7 +50,7 @@ def test_cluster_fixture_is_two_raylets_on_loopback(two_nodes):
         "print(json.dumps([[n['NodeManagerAddress'], n['Resources'].get('CPU')] for n in ray.nodes() if n['Alive']]))"
     )
     nodes = json.loads(out.strip().splitlines()[-1])
-    assert len(nodes) == 2 and all(addr == "127.0.0.1" and cpu == 1.0 for addr, cpu in nodes)
+    assert len(nodes) == 2 and all(addr == "127.0.0.1" and cpu == 2.0 for addr, cpu in nodes)
 
 
 def test_embed_job_spans_both_nodes_and_survives_losing_one(two_nodes, corpus, tmp_path):
