@@ -27,11 +27,19 @@ def two_nodes():
     cluster.stop()
 
 
+@pytest.fixture
+def two_nodes_again():
+    """A fresh two-node cluster (a test that kills a node leaves the module's cluster with one)."""
+    cluster = start_two_node_cluster()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="module")
 def corpus(shared_data, tmp_path_factory):
     """The first ROWS msmarco-subset passages, as a jsonl the job and the oracle both read."""
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    lines = (shared_data / "beir" / "msmarco-subset" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (shared_data / "beir" / "msmarco-subset" / "corpus.jsonl").read_text(encoding="utf-8").split("\n")
     path.write_text("\n".join(lines[:ROWS]) + "\n", encoding="utf-8")
     rows = [json.loads(line) for line in lines[:ROWS]]
     return path, [r["_id"] for r in rows], [f"{r['title']} {r['text']}".strip() if r.get("title") else r["text"]
@@ -86,3 +94,61 @@ def test_embed_job_spans_both_nodes_and_survives_losing_one(two_nodes, corpus, t
                      passage_max_length=MAX_LEN, batch_size=32).encode_corpus(texts)
     np.testing.assert_allclose(np.stack([got[i] for i in ids]), want, atol=1e-5)
     assert manifest["index"]["ntotal"] == ROWS
+
+
+def _actors_on(raylet_pid: int) -> list:
+    import psutil
+
+    return [p for p in psutil.Process(raylet_pid).children() if "ModelActor" in " ".join(p.cmdline())]
+
+
+def test_mining_survives_losing_a_node(two_nodes_again, shared_data, tmp_path):
+    """Hard-negative mining on both nodes; the worker node's raylet is SIGKILLed while its actor is
+    embedding: every query still gets its negatives, and none is one of its positives."""
+    import collections
+
+    beir = shared_data / "beir" / "msmarco-subset"
+    corpus = {}
+    for line in filter(None, (beir / "corpus.jsonl").read_text(encoding="utf-8").split("\n")):
+        r = json.loads(line)
+        corpus[r["_id"]] = f"{r['title']} {r['text']}".strip()
+    queries = {json.loads(x)["_id"]: json.loads(x)["text"]
+               for x in filter(None, (beir / "queries.jsonl").read_text(encoding="utf-8").split("\n"))}
+    rel = collections.defaultdict(list)
+    for line in (beir / "qrels" / "test.tsv").read_text().splitlines():
+        q, c, s = line.split()
+        if int(s) >= 2 and c in corpus:
+            rel[q].append(c)
+    qids = [q for q in queries if rel[q]][:10]
+    train = [{"query": queries[q], "pos": [corpus[c] for c in rel[q][:2]]} for q in qids]
+    pool = list(dict.fromkeys([c for q in qids for c in rel[q]] + list(corpus)[:1500]))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps({"text": corpus[c]}) + "\n" for c in pool))
+    out = tmp_path / "mined.jsonl"
+    env = {**os.environ, "RAY_ADDRESS": two_nodes_again.address}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "mine_hard_negatives.py"), "--input_file", str(tmp_path / "train.jsonl"),
+         "--output_file", str(out), "--candidate_pool", str(tmp_path / "pool.jsonl"), "--range_for_sampling", "2-60",
+         "--negative_number", "5", "--max_passage_length", str(MAX_LEN), "--max_query_length", str(MAX_LEN),
+         "--batch_size", "32", "--num_actors", "2", "--rows_per_call", "50"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    raylet = two_nodes_again.worker_raylet_pid()
+
+    def worker_actor_is_embedding():
+        # Model load is ~4 CPU-seconds; past that the actor is running items.
+        return proc.poll() is not None or any(p.cpu_times().user > 8 for p in _actors_on(raylet))
+
+    wait_until(worker_actor_is_embedding, 240, "the worker node's actor to embed")
+    assert proc.poll() is None, f"mining ended before the node was killed:\n{proc.stdout.read()}"
+    two_nodes_again.kill_worker_node()
+    try:
+        log, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-6000:]
+    mined = [json.loads(x) for x in filter(None, out.read_text(encoding="utf-8").split("\n"))]
+    assert len(mined) == len(train)
+    for line, src in zip(mined, train, strict=True):
+        assert line["pos"] == src["pos"]
+        assert len(line["neg"]) == 5 and len(set(line["neg"])) == 5, "negatives complete"
+        assert not set(line["neg"]) & set(src["pos"]), "a negative is a positive"
