@@ -95,7 +95,7 @@ def ray_local():
 
     temp_dir = tempfile.mkdtemp(prefix="bgeray_", dir="/tmp")
     os.environ.setdefault("RAY_worker_niceness", "0")  # as bge_ray.batch.runtime.init_ray does
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     yield ray
     ray.shutdown()
 

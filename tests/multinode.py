@@ -119,8 +119,12 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2) -> N
 
 def _host(temp_dir: str, ready: str) -> None:
     """The cluster host: both nodes on loopback, the head's address written to ``ready``, then wait."""
+    import ray._private.utils
     from ray.cluster_utils import Cluster
 
+    # Cluster would record its address in /tmp/ray/ray_current_cluster, where every later
+    # ray.init() without an address on this machine would find it (and hang once it is gone).
+    ray._private.utils.write_ray_address = lambda *args, **kwargs: None
     common = {"num_cpus": NODE_CPUS, "object_store_memory": 300 * 1024 * 1024}
     cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={
         **common, "resources": {"node_head": 1}, "temp_dir": temp_dir, "include_dashboard": False,

@@ -27,6 +27,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         return ray
     kwargs = {"log_to_driver": not quiet or not local}
     if local:
+        # "local": a new Ray even where /tmp/ray/ray_current_cluster names another (maybe dead) one.
+        address = "local"
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
     ray.init(address=address, **kwargs)
     return ray
