@@ -33,6 +33,11 @@ ARCH_CONFIGS = {
         model_type="bert", hidden_size=384, num_hidden_layers=12, num_attention_heads=12,
         intermediate_size=1536, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
     ),
+    # Not a published model: the smallest real transformer, for scale runs where the model must not dominate.
+    "tiny-1x32": dict(
+        model_type="bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+    ),
     "bge-m3": dict(
         model_type="xlm-roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
         intermediate_size=4096, vocab_size=250002, max_position_embeddings=8194, type_vocab_size=1,

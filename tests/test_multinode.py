@@ -46,6 +46,17 @@ def corpus(shared_data, tmp_path_factory):
                                             for r in rows]
 
 
+def _kill_worker_node_and_finish(cluster, proc) -> None:
+    """SIGKILL the worker node's raylet while ``proc`` (a job's driver) runs; the job must succeed."""
+    assert proc.poll() is None, f"the job ended before the node was killed:\n{proc.stdout.read()}"
+    cluster.kill_worker_node()
+    try:
+        log, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-6000:]
+
+
 def _job(cluster, args):
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     return subprocess.Popen([sys.executable, str(REPO / "jobs" / "embed_corpus.py"), *args], env=env,
@@ -73,14 +84,8 @@ def test_embed_job_spans_both_nodes_and_survives_losing_one(two_nodes, corpus, t
     # Kill the worker node once both actors have committed work, well before the end.
     wait_until(lambda: len(list(shards.glob("part-*.parquet"))) >= 4 or proc.poll() is not None, 240,
                "the first shards")
-    assert proc.poll() is None, f"the job ended before the node was killed:\n{proc.stdout.read()}"
     committed_before = len(list(shards.glob("part-*.parquet")))
-    two_nodes.kill_worker_node()
-    try:
-        log, _ = proc.communicate(timeout=400)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, log[-6000:]
+    _kill_worker_node_and_finish(two_nodes, proc)
     assert committed_before < ROWS // ROWS_PER_SHARD, "the node was killed after the job had finished its work"
 
     manifest = json.loads((out / "manifest.json").read_text())
@@ -139,13 +144,7 @@ def test_mining_survives_losing_a_node(two_nodes_again, shared_data, tmp_path):
         return proc.poll() is not None or any(p.cpu_times().user > 8 for p in _actors_on(raylet))
 
     wait_until(worker_actor_is_embedding, 240, "the worker node's actor to embed")
-    assert proc.poll() is None, f"mining ended before the node was killed:\n{proc.stdout.read()}"
-    two_nodes_again.kill_worker_node()
-    try:
-        log, _ = proc.communicate(timeout=400)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, log[-6000:]
+    _kill_worker_node_and_finish(two_nodes_again, proc)
     mined = [json.loads(x) for x in filter(None, out.read_text(encoding="utf-8").split("\n"))]
     assert len(mined) == len(train)
     for line, src in zip(mined, train, strict=True):

@@ -254,7 +254,9 @@ def run_embed_job(
         # A resumed run keeps the shard size it started with, whatever the actor count now.
         rows_per_shard = rows_per_shard or old.get("rows_per_shard")
     actor_plan = plan_actors(num_actors, use_gpu)
+    t_plan = time.perf_counter()
     plan = plan_job(corpus, spec, rows_per_shard, actor_plan.num_actors, outputs)
+    plan_seconds = time.perf_counter() - t_plan
     digest = plan_digest(plan)
     committed = set(store.list("shards"))
     if old is not None:
@@ -293,6 +295,7 @@ def run_embed_job(
     metas = [json.loads(r["meta"]) for r in results]
     manifest.update(
         digest=digest,
+        plan_seconds=round(plan_seconds, 3),
         skipped_shards=len(done),
         embedded_shards=len(pending),
         embedded_rows=sum(m["committed_rows"] for m in metas),
