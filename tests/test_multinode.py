@@ -101,10 +101,18 @@ def test_embed_job_spans_both_nodes_and_survives_losing_one(two_nodes, corpus, t
     assert manifest["index"]["ntotal"] == ROWS
 
 
-def _actors_on(raylet_pid: int) -> list:
+def _actor_cpu_seconds(raylet_pid: int) -> list[float]:
+    """User CPU seconds of each model actor process under a raylet (workers come and go meanwhile)."""
     import psutil
 
-    return [p for p in psutil.Process(raylet_pid).children() if "ModelActor" in " ".join(p.cmdline())]
+    seconds = []
+    for p in psutil.Process(raylet_pid).children():
+        try:
+            if "ModelActor" in " ".join(p.cmdline()):
+                seconds.append(p.cpu_times().user)
+        except psutil.Error:  # exited between the listing and the look
+            continue
+    return seconds
 
 
 def test_mining_survives_losing_a_node(two_nodes_again, shared_data, tmp_path):
@@ -141,7 +149,7 @@ def test_mining_survives_losing_a_node(two_nodes_again, shared_data, tmp_path):
 
     def worker_actor_is_embedding():
         # Model load is ~4 CPU-seconds; past that the actor is running items.
-        return proc.poll() is not None or any(p.cpu_times().user > 8 for p in _actors_on(raylet))
+        return proc.poll() is not None or any(t > 8 for t in _actor_cpu_seconds(raylet))
 
     wait_until(worker_actor_is_embedding, 240, "the worker node's actor to embed")
     _kill_worker_node_and_finish(two_nodes_again, proc)
