@@ -56,13 +56,6 @@ class ActorPlan:
         return replace(self, num_actors=n, torch_threads=threads)
 
 
-def call_blocks(table, rows_per_call: int, plan: ActorPlan) -> tuple[list, ActorPlan]:
-    """``table`` (pyarrow) cut into blocks of ``rows_per_call`` rows, one per actor call so every actor
-    of the pool gets work (at least one block, even when empty), and ``plan`` capped to that many actors."""
-    blocks = [table.slice(s, rows_per_call) for s in range(0, max(table.num_rows, 1), rows_per_call)]
-    return blocks, plan.for_blocks(len(blocks))
-
-
 #: Default CPU actor count cap (each actor holds its own copy of the model).
 MAX_DEFAULT_CPU_ACTORS = 8
 

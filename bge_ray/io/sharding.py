@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -325,11 +325,3 @@ def _rows_table(ids: list[str], rows: list[dict], tf: tuple[str, ...]) -> pa.Tab
 
 def plan_digest(plan: dict) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def shards_from_plan(plan: dict) -> list[Shard]:
-    return [Shard(**s) for s in plan["shards"]]
-
-
-def shard_dicts(shards: list[Shard]) -> list[dict]:
-    return [asdict(s) for s in shards]
