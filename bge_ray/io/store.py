@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .atomic import atomic_path
+
 
 def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
@@ -99,16 +101,8 @@ class Store:
         """A binary stream whose content appears at ``rel`` only when the block succeeds."""
         final = self.path(rel)
         if self.local:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp",
-                                       dir=os.path.dirname(final))
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    yield f
-                os.replace(tmp, final)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with atomic_path(final) as tmp, open(tmp, "wb") as f:
+                yield f
             return
         # Object stores: buffer, then one upload at the final key, so a failure part-way leaves no object.
         buf = io.BytesIO()
