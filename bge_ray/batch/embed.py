@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from bge_ray.io.readers import CorpusSpec
+from bge_ray.io.lease import Lease
 from bge_ray.io.shards import colbert_array, embedding_array, sparse_array
 from bge_ray.io.store import Store, filesystem, is_uri
 from bge_ray.models.spec import EmbedderSpec, without_query_options
@@ -246,83 +247,88 @@ def run_embed_job(
         queries.check_matches(spec)
     t0 = time.perf_counter()
     store = Store(output)
-    if overwrite:
-        for name in ("manifest.json", "shards", "plan.json", "index.faiss", "ids.parquet", "index"):
-            store.delete(name)
-    old = store.read_json("plan.json") if store.exists("plan.json") else None
-    if old is not None:
-        # A resumed run keeps the shard size it started with, whatever the actor count now.
-        rows_per_shard = rows_per_shard or old.get("rows_per_shard")
-    actor_plan = plan_actors(num_actors, use_gpu)
-    t_plan = time.perf_counter()
-    plan = plan_job(corpus, spec, rows_per_shard, actor_plan.num_actors, outputs)
-    plan_seconds = time.perf_counter() - t_plan
-    digest = plan_digest(plan)
-    committed = set(store.list("shards"))
-    if old is not None:
-        if old.get("digest") != digest:
-            raise ValueError(
-                f"{store.url()} holds the output of a different job ({_plan_changes(old, plan)} changed); pass "
-                f"--overwrite to replace it or choose another --output"
-            )
-    elif committed:
-        raise ValueError(f"{store.url('shards')} holds shards but no plan.json; pass --overwrite or choose another "
-                         f"--output")
-    else:
-        store.makedirs("shards")
-        store.write_json("plan.json", {"digest": digest, **plan})
-
-    shards = plan["shards"]
-    done = {s["index"] for s in shards if shard_name(s["index"]).removeprefix("shards/") in committed}
-    pending = [s for s in shards if s["index"] not in done]
-    logger.info("%d shards planned, %d already committed, %d to embed", len(shards), len(done), len(pending))
-    query_items = queries.items() if queries is not None else []
-    results: list[dict] = []
-    t_embed = time.perf_counter()
-    t_embed_wall = time.time()
-    n_actors = 0
-    if pending or query_items:
-        results = _run_pipeline(corpus, store, spec if queries is None else queries.spec, outputs,
-                                actor_plan.for_blocks(len(pending) or 1), query_items, pending, shards,
-                                on_bad_record == "skip", runtime_env, split_stages)
-        n_actors = actor_plan.for_blocks(len(pending) or 1).num_actors
-    query_vectors = _query_vectors(len(query_items), [r for r in results if r["item"] < 0]) if queries else None
-    results = [r for r in results if r["item"] >= 0]
-    embed_seconds = time.perf_counter() - t_embed
-    t_verify = time.perf_counter()
-    manifest = _verify_and_describe(plan, store, results, actor_plan.read_cpus)
-    manifest["verify_seconds"] = round(time.perf_counter() - t_verify, 3)
-    metas = [json.loads(r["meta"]) for r in results]
-    manifest.update(
-        digest=digest,
-        plan_seconds=round(plan_seconds, 3),
-        skipped_shards=len(done),
-        embedded_shards=len(pending),
-        embedded_rows=sum(m["committed_rows"] for m in metas),
-        embedded_tokens=sum(m["tokens"] for m in metas),
-        embed_seconds=round(embed_seconds, 3),
-        num_actors=n_actors,
-        # Where the embed stage's time went: actors busy on shards, and the wait for the first shard
-        # to start (actor start-up: process, imports, model load).
-        shard_seconds=round(sum(r["model_seconds"] for r in results), 3),
-        commit_seconds=round(sum(m["commit_seconds"] for m in metas), 3),
-        first_shard_after_seconds=round(min(r["started"] for r in results) - t_embed_wall, 3) if results else None,
-        actor_start_seconds=_actor_start(results, t_embed_wall),
-        shards_by_node=dict(collections.Counter(r["node"] for r in results)),
-    )
-    if index_kind and index_kind != "none":
-        if "dense" in outputs:
-            t_index = time.perf_counter()
-            manifest["index"] = build_shard_index(store, index_kind, [s["file"] for s in manifest["shards"]])
-            manifest["index"]["seconds"] = round(time.perf_counter() - t_index, 3)
+    # The first write: an unwritable output fails here, and a second run into it is refused.
+    lease = Lease(store).acquire()
+    try:
+        if overwrite:
+            for name in ("manifest.json", "shards", "plan.json", "index.faiss", "ids.parquet", "index"):
+                store.delete(name)
+        old = store.read_json("plan.json") if store.exists("plan.json") else None
+        if old is not None:
+            # A resumed run keeps the shard size it started with, whatever the actor count now.
+            rows_per_shard = rows_per_shard or old.get("rows_per_shard")
+        actor_plan = plan_actors(num_actors, use_gpu)
+        t_plan = time.perf_counter()
+        plan = plan_job(corpus, spec, rows_per_shard, actor_plan.num_actors, outputs)
+        plan_seconds = time.perf_counter() - t_plan
+        digest = plan_digest(plan)
+        committed = set(store.list("shards"))
+        if old is not None:
+            if old.get("digest") != digest:
+                raise ValueError(
+                    f"{store.url()} holds the output of a different job ({_plan_changes(old, plan)} changed); pass "
+                    f"--overwrite to replace it or choose another --output"
+                )
+        elif committed:
+            raise ValueError(f"{store.url('shards')} holds shards but no plan.json; pass --overwrite or choose another "
+                             f"--output")
         else:
-            logger.info("no faiss index: the job writes no dense vectors (outputs %s)", ",".join(outputs))
-    seconds = time.perf_counter() - t0
-    manifest["seconds"] = round(seconds, 3)
-    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    store.write_json("manifest.json", manifest)
-    del ray
-    return EmbedJobResult(store.url(), manifest["rows"], manifest["tokens"], seconds, manifest, query_vectors)
+            store.makedirs("shards")
+            store.write_json("plan.json", {"digest": digest, **plan})
+
+        shards = plan["shards"]
+        done = {s["index"] for s in shards if shard_name(s["index"]).removeprefix("shards/") in committed}
+        pending = [s for s in shards if s["index"] not in done]
+        logger.info("%d shards planned, %d already committed, %d to embed", len(shards), len(done), len(pending))
+        query_items = queries.items() if queries is not None else []
+        results: list[dict] = []
+        t_embed = time.perf_counter()
+        t_embed_wall = time.time()
+        n_actors = 0
+        if pending or query_items:
+            results = _run_pipeline(corpus, store, spec if queries is None else queries.spec, outputs,
+                                    actor_plan.for_blocks(len(pending) or 1), query_items, pending, shards,
+                                    on_bad_record == "skip", runtime_env, split_stages)
+            n_actors = actor_plan.for_blocks(len(pending) or 1).num_actors
+        query_vectors = _query_vectors(len(query_items), [r for r in results if r["item"] < 0]) if queries else None
+        results = [r for r in results if r["item"] >= 0]
+        embed_seconds = time.perf_counter() - t_embed
+        t_verify = time.perf_counter()
+        manifest = _verify_and_describe(plan, store, results, actor_plan.read_cpus)
+        manifest["verify_seconds"] = round(time.perf_counter() - t_verify, 3)
+        metas = [json.loads(r["meta"]) for r in results]
+        manifest.update(
+            digest=digest,
+            plan_seconds=round(plan_seconds, 3),
+            skipped_shards=len(done),
+            embedded_shards=len(pending),
+            embedded_rows=sum(m["committed_rows"] for m in metas),
+            embedded_tokens=sum(m["tokens"] for m in metas),
+            embed_seconds=round(embed_seconds, 3),
+            num_actors=n_actors,
+            # Where the embed stage's time went: actors busy on shards, and the wait for the first shard
+            # to start (actor start-up: process, imports, model load).
+            shard_seconds=round(sum(r["model_seconds"] for r in results), 3),
+            commit_seconds=round(sum(m["commit_seconds"] for m in metas), 3),
+            first_shard_after_seconds=round(min(r["started"] for r in results) - t_embed_wall, 3) if results else None,
+            actor_start_seconds=_actor_start(results, t_embed_wall),
+            shards_by_node=dict(collections.Counter(r["node"] for r in results)),
+        )
+        if index_kind and index_kind != "none":
+            if "dense" in outputs:
+                t_index = time.perf_counter()
+                manifest["index"] = build_shard_index(store, index_kind, [s["file"] for s in manifest["shards"]])
+                manifest["index"]["seconds"] = round(time.perf_counter() - t_index, 3)
+            else:
+                logger.info("no faiss index: the job writes no dense vectors (outputs %s)", ",".join(outputs))
+        seconds = time.perf_counter() - t0
+        manifest["seconds"] = round(seconds, 3)
+        manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        store.write_json("manifest.json", manifest)
+        del ray
+        return EmbedJobResult(store.url(), manifest["rows"], manifest["tokens"], seconds, manifest, query_vectors)
+    finally:
+        lease.release()
 
 
 def _run_pipeline(corpus, store, spec, outputs, actors, query_items, pending, shards, skip_bad, runtime_env,

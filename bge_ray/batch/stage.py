@@ -128,7 +128,7 @@ def prepare_items(batch: pa.Table, spec, reader: Callable[[dict], tuple[list, li
 # -- the accelerator stage -------------------------------------------------------------------------
 def _maybe_inject_fault(marker_dir: str | None, item: int) -> None:
     """Test hook: ``BGE_RAY_FAULT=exit:N`` kills the actor process (once) when it reaches item N,
-    ``raise:N`` raises instead; a marker file in ``marker_dir`` (or ``BGE_RAY_FAULT_DIR``, for outputs
+    ``raise:N`` raises instead, ``sleep:N`` stalls it ``BGE_RAY_FAULT_SLEEP`` seconds (default 10); a marker file in ``marker_dir`` (or ``BGE_RAY_FAULT_DIR``, for outputs
     on an object store) makes it the first attempt only."""
     fault = os.environ.get("BGE_RAY_FAULT", "")
     marker_dir = os.environ.get("BGE_RAY_FAULT_DIR") or marker_dir
@@ -143,6 +143,9 @@ def _maybe_inject_fault(marker_dir: str | None, item: int) -> None:
     open(marker, "w").close()
     if kind == "exit":
         os._exit(1)
+    if kind == "sleep":
+        time.sleep(float(os.environ.get("BGE_RAY_FAULT_SLEEP", "10")))
+        return
     raise RuntimeError(f"injected failure at item {item}")
 
 
