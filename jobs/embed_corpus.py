@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--outputs", default="dense",
                    help="comma-separated: dense (column embedding), sparse (token id -> weight) and colbert "
                         "(a vector per token); sparse and colbert need a BGE-M3 model")
-    p.add_argument("--index", default="flat", choices=[*INDEX_KINDS, "none"])
+    p.add_argument("--index", default="auto", choices=["auto", *INDEX_KINDS, "none"],
+                   help="auto: flat up to 1M rows, IVF up to 10M, IVF-PQ above; IVF kinds are trained on a "
+                        "sample and filled per group of shards by Ray tasks (index/part-*)")
     p.add_argument("--no-fp16", dest="use_fp16", action="store_false", help="fp32 on GPU")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
     return p.parse_args(argv)

@@ -317,7 +317,7 @@ def run_embed_job(
         if index_kind and index_kind != "none":
             if "dense" in outputs:
                 t_index = time.perf_counter()
-                manifest["index"] = build_shard_index(store, index_kind, [s["file"] for s in manifest["shards"]])
+                manifest["index"] = build_job_index(store, index_kind, manifest, actor_plan.read_cpus)
                 manifest["index"]["seconds"] = round(time.perf_counter() - t_index, 3)
             else:
                 logger.info("no faiss index: the job writes no dense vectors (outputs %s)", ",".join(outputs))
@@ -431,9 +431,25 @@ def _verify_and_describe(plan: dict, store: Store, results: list[dict], task_cpu
     }
 
 
+def build_job_index(store: Store, kind: str, manifest: dict, task_cpus: float = 1.0) -> dict:
+    """The job's index, built off the driver: ``auto`` picks by row count
+    (:func:`bge_ray.index.sharded.auto_kind`); flat / HNSW in one Ray task (small corpora), IVF and
+    IVF-PQ trained on a sample and filled per group of shards by Ray tasks (:mod:`bge_ray.index.sharded`)."""
+    import ray
+
+    from bge_ray.index.sharded import auto_kind, build_ivf_index
+
+    if kind == "auto":
+        kind = auto_kind(manifest["rows"])
+    if kind in ("ivf", "ivfpq"):
+        return build_ivf_index(store, kind, manifest["shards"], manifest["dim"], task_cpus=task_cpus)
+    task = ray.remote(num_cpus=1)(build_shard_index)
+    return ray.get(task.remote(store, kind, [s["file"] for s in manifest["shards"]]))
+
+
 def build_shard_index(store: Store | str, kind: str = "flat", files: list[str] | None = None) -> dict:
-    """A faiss index over the shards ``files`` (default: every ``shards/*.parquet``), added shard by
-    shard, plus ``ids.parquet`` (row -> id)."""
+    """A flat or HNSW faiss index over the shards ``files`` (default: every ``shards/*.parquet``),
+    added shard by shard, plus ``ids.parquet`` (row -> id)."""
     import tempfile
 
     from bge_ray.index.faiss_index import build_index, save_index
@@ -442,22 +458,19 @@ def build_shard_index(store: Store | str, kind: str = "flat", files: list[str] |
     store = Store(store) if isinstance(store, str) else store
     if files is None:
         files = [f"shards/{name}" for name in store.list("shards") if name.endswith(".parquet")]
+    if kind not in ("flat", "hnsw"):
+        raise ValueError(f"build_shard_index builds flat or hnsw indexes; {kind!r} is built by the cluster "
+                         f"(bge_ray.index.sharded.build_ivf_index)")
     ids: list[str] = []
     index = None
-    if kind in ("flat", "hnsw"):
-        for f in files:
-            t = store.read_parquet(f, columns=["id", "embedding"])
-            emb = to_numpy(t["embedding"])
-            if index is None:
-                index = build_index(emb, kind)
-            else:
-                index.add(emb)
-            ids += t["id"].to_pylist()
-    else:
-        # IVF variants train on the whole set's distribution, so read it once.
-        tables = [store.read_parquet(f, columns=["id", "embedding"]) for f in files]
-        ids = [i for t in tables for i in t["id"].to_pylist()]
-        index = build_index(np.concatenate([to_numpy(t["embedding"]) for t in tables]), kind)
+    for f in files:
+        t = store.read_parquet(f, columns=["id", "embedding"])
+        emb = to_numpy(t["embedding"])
+        if index is None:
+            index = build_index(emb, kind)
+        else:
+            index.add(emb)
+        ids += t["id"].to_pylist()
     with tempfile.TemporaryDirectory(prefix="bge_ray_index_") as tmp:
         save_index(index, os.path.join(tmp, "index.faiss"))
         store.upload(os.path.join(tmp, "index.faiss"), "index.faiss")

@@ -235,13 +235,10 @@ def embed_corpus_cached(
 
 
 def load_corpus_index(out: str):
-    """``(doc_ids, faiss index)`` from an embed job's output folder."""
-    import pyarrow.parquet as pq
+    """``(doc_ids, index)`` from an embed job's output: its merged faiss index, or its sharded parts."""
+    from bge_ray.index.sharded import open_index
 
-    from bge_ray.index.faiss_index import load_index
-
-    ids = pq.read_table(os.path.join(out, "ids.parquet"), columns=["id"])["id"].to_pylist()
-    return ids, load_index(os.path.join(out, "index.faiss"))
+    return open_index(out)
 
 
 # -- query embeddings ---------------------------------------------------------------------------------

@@ -1,0 +1,311 @@
+"""Indexes built by the cluster: an IVF (flat or PQ) index trained on a sample of the shards, then
+filled by Ray tasks, one index part per group of shards, written beside its id mapping.
+
+Layout under the job's output::
+
+    index/trained.faiss          the empty trained index (coarse quantizer, PQ codebooks)
+    index/part-NNNNN.faiss       rows [offset, offset + rows) of the shard order, faiss ids = row numbers
+    index/part-NNNNN.ids.parquet the ``id`` of each of those rows
+    index/index.json             written last: kind, parts, nprobe, merged file if any
+    index.faiss + ids.parquet    the merged index, when it fits ``merge_max_bytes``
+
+All parts share one quantizer, so searching every part with the same ``nprobe`` and keeping the best
+``k`` gives exactly the merged index's answer (:func:`merge_topk`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from bge_ray.io.store import Store
+
+logger = logging.getLogger(__name__)
+
+INDEX_DIR = "index"
+#: ``--index auto``: exact flat search up to this many rows, IVF-flat up to IVF_MAX_ROWS, IVF-PQ above.
+FLAT_MAX_ROWS = 1_000_000
+IVF_MAX_ROWS = 10_000_000
+#: Largest index part (bytes of stored vectors or codes) one fill task builds and one searcher loads.
+PART_BYTES = 1 << 30
+#: The merged ``index.faiss`` is written when the whole index is at most this big.
+MERGE_MAX_BYTES = 4 << 30
+#: Upper bound on IVF lists: k-means cost grows with lists x training rows.
+MAX_NLIST = 16384
+
+
+def auto_kind(rows: int) -> str:
+    return "flat" if rows <= FLAT_MAX_ROWS else "ivf" if rows <= IVF_MAX_ROWS else "ivfpq"
+
+
+def default_nlist(rows: int) -> int:
+    """About 4 sqrt(n) lists, at least 39 training rows per list (faiss's minimum), at most MAX_NLIST."""
+    return max(1, min(int(4 * math.sqrt(rows)), rows // 39 or 1, MAX_NLIST))
+
+
+def default_pq_m(dim: int) -> int:
+    """Sub-quantizers for IVF-PQ: the most of 64, 48, 32, ... that divide ``dim`` (8 bits each)."""
+    return next(m for m in (64, 48, 32, 24, 16, 12, 8, 4, 2, 1) if dim % m == 0)
+
+
+def bytes_per_vector(kind: str, dim: int, pq_m: int) -> int:
+    return pq_m if kind == "ivfpq" else 4 * dim
+
+
+def plan_parts(shards: list[dict], per_vector: int, part_bytes: int = PART_BYTES) -> list[dict]:
+    """Group consecutive shards into parts of at most ``part_bytes`` (a shard is never split)."""
+    parts, cur, offset = [], None, 0
+    cap = max(1, part_bytes // max(1, per_vector))
+    for s in shards:
+        if cur is None or (cur["rows"] + s["rows"] > cap and cur["rows"]):
+            cur = {"part": len(parts), "files": [], "offset": offset, "rows": 0}
+            parts.append(cur)
+        cur["files"].append(s["file"])
+        cur["rows"] += s["rows"]
+        offset += s["rows"]
+    return parts
+
+
+def part_names(part: int) -> tuple[str, str]:
+    return f"{INDEX_DIR}/part-{part:05d}.faiss", f"{INDEX_DIR}/part-{part:05d}.ids.parquet"
+
+
+# -- tasks --------------------------------------------------------------------------------------------
+def _embeddings(store: Store, file: str) -> tuple[pa.Array, np.ndarray]:
+    from bge_ray.io.shards import to_numpy
+
+    t = store.read_parquet(file, columns=["id", "embedding"])
+    return t["id"], np.ascontiguousarray(to_numpy(t["embedding"]), dtype=np.float32)
+
+
+def sample_shard(store: Store, file: str, k: int, seed: int) -> np.ndarray:
+    """``k`` rows of one shard, drawn without replacement (seeded by the shard's name)."""
+    _, emb = _embeddings(store, file)
+    rng = np.random.default_rng([seed, int.from_bytes(file.encode()[-8:].rjust(8, b"\0"), "little")])
+    return emb[np.sort(rng.choice(len(emb), size=min(k, len(emb)), replace=False))]
+
+
+def train_index(kind: str, nlist: int, pq_m: int, threads: int, *sample: np.ndarray) -> tuple[np.ndarray, int]:
+    """Ray task: the trained empty index, serialised (a uint8 array, cheap in the object store), and
+    the number of training rows."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    x = np.concatenate(sample)
+    dim = x.shape[1]
+    quantizer = faiss.IndexFlatIP(dim)
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    return faiss.serialize_index(index), len(x)
+
+
+def _write_index(store: Store, index, rel: str) -> None:
+    import faiss
+
+    with tempfile.TemporaryDirectory(prefix="bge_ray_index_") as d:
+        faiss.write_index(index, os.path.join(d, "i.faiss"))
+        store.upload(os.path.join(d, "i.faiss"), rel)
+
+
+def fill_part(store: Store, trained: np.ndarray, part: dict) -> dict:
+    """Ray task: add one part's shards to a copy of the trained index; write the part and its ids."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    t0 = time.perf_counter()
+    index = faiss.deserialize_index(trained)
+    ids, offset = [], part["offset"]
+    for f in part["files"]:
+        shard_ids, emb = _embeddings(store, f)
+        index.add_with_ids(emb, np.arange(offset, offset + len(emb), dtype=np.int64))
+        offset += len(emb)
+        ids.append(shard_ids)
+    if offset - part["offset"] != part["rows"]:
+        raise RuntimeError(f"index part {part['part']}: shards hold {offset - part['offset']} rows, the manifest "
+                           f"says {part['rows']}")
+    index_file, ids_file = part_names(part["part"])
+    _write_index(store, index, index_file)
+    store.write_parquet(ids_file, pa.table({"id": pa.chunked_array(ids, pa.string())}))
+    return {"part": part["part"], "file": index_file, "ids": ids_file, "offset": part["offset"],
+            "rows": part["rows"], "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def merge_parts(store: Store, trained: np.ndarray, parts: list[dict]) -> None:
+    """Ray task: ``index.faiss`` + ``ids.parquet`` from the parts (only called when they fit)."""
+    import faiss
+
+    merged = faiss.deserialize_index(trained)
+    for p in parts:
+        with store.local_copy(p["file"]) as f:
+            merged.merge_from(faiss.read_index(f), 0)
+    _write_index(store, merged, "index.faiss")
+    ids = [store.read_parquet(p["ids"], columns=["id"])["id"] for p in parts]
+    store.write_parquet("ids.parquet", pa.table({"id": pa.chunked_array([c for a in ids for c in a.chunks],
+                                                                       pa.string())}))
+
+
+def build_ivf_index(store: Store, kind: str, shards: list[dict], dim: int, nlist: int | None = None,
+                    pq_m: int | None = None, nprobe: int | None = None, train_rows: int | None = None,
+                    part_bytes: int = PART_BYTES, merge_max_bytes: int = MERGE_MAX_BYTES, task_cpus: float = 1.0,
+                    seed: int = 0) -> dict:
+    """Train on a sample (rows drawn from up to 256 evenly spread shards), fill parts in Ray tasks,
+    merge when small enough, write ``index/index.json`` last. ``shards``: the manifest's
+    ``[{"file", "rows"}]`` in row order. Returns the index description (also in the manifest)."""
+    import ray
+
+    if kind not in ("ivf", "ivfpq"):
+        raise ValueError(f"sharded index kind must be ivf or ivfpq, got {kind!r}")
+    t0 = time.perf_counter()
+    rows = sum(s["rows"] for s in shards)
+    nlist = nlist or default_nlist(rows)
+    pq_m = pq_m or default_pq_m(dim)
+    if dim % pq_m:
+        raise ValueError(f"ivfpq needs dim ({dim}) divisible by pq_m ({pq_m})")
+    # faiss warns under 39 rows per centroid; PQ's 256 codes per sub-quantizer need as many.
+    want = train_rows or min(rows, max(64 * nlist, 256 * 39 if kind == "ivfpq" else 0))
+    picked = [shards[int(i)] for i in np.unique(np.linspace(0, len(shards) - 1, min(len(shards), 256)).astype(int))]
+    picked_rows = sum(s["rows"] for s in picked)
+    sample_task = ray.remote(num_cpus=task_cpus)(sample_shard)
+    refs = [sample_task.remote(store, s["file"], math.ceil(want * s["rows"] / picked_rows), seed)
+            for s in picked if s["rows"]]
+    threads = max(1, int(ray.available_resources().get("CPU", 1)))
+    trained, n_train = ray.get(ray.remote(num_cpus=1)(train_index).remote(kind, nlist, pq_m, threads, *refs))
+    t_train = time.perf_counter() - t0
+    trained_ref = ray.put(trained)
+    _write_trained(store, trained)
+    per_vector = bytes_per_vector(kind, dim, pq_m)
+    parts = plan_parts(shards, per_vector, part_bytes)
+    fill = ray.remote(num_cpus=task_cpus)(fill_part)
+    done = ray.get([fill.remote(store, trained_ref, p) for p in parts])
+    merged = rows * per_vector <= merge_max_bytes
+    if merged:
+        ray.get(ray.remote(num_cpus=task_cpus)(merge_parts).remote(store, trained_ref, done))
+    meta = {"kind": kind, "layout": "sharded", "dim": dim, "ntotal": rows, "nlist": nlist,
+            "pq_m": pq_m if kind == "ivfpq" else None, "nprobe": nprobe or min(nlist, 16),
+            "train_rows": n_train,
+            "trained": f"{INDEX_DIR}/trained.faiss", "parts": done,
+            "file": "index.faiss" if merged else None, "ids": "ids.parquet" if merged else None,
+            "train_seconds": round(t_train, 3), "fill_seconds": round(sum(p["seconds"] for p in done), 3)}
+    store.write_json(f"{INDEX_DIR}/index.json", meta)
+    logger.info("%s index: %d rows, %d lists, %d parts%s, trained on %s rows in %.1f s", kind, rows, nlist,
+                len(done), " + merged index.faiss" if merged else "", meta["train_rows"], t_train)
+    return meta
+
+
+def _write_trained(store: Store, trained: np.ndarray) -> None:
+    store.write_bytes(f"{INDEX_DIR}/trained.faiss", np.asarray(trained).tobytes())
+
+
+# -- search -------------------------------------------------------------------------------------------
+def merge_topk(answers: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` per query over several parts' ``(scores, rows)``; faiss's ``-1`` fillers sort last."""
+    scores = np.concatenate([a[0] for a in answers], axis=1)
+    rows = np.concatenate([a[1] for a in answers], axis=1)
+    scores = np.where(rows < 0, -np.inf, scores)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_s, top_r = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+    return np.where(top_r < 0, -np.finfo(np.float32).max, top_s).astype(np.float32), top_r
+
+
+class ShardedIndex:
+    """The parts of a sharded index behind faiss's ``search`` / ``ntotal`` / ``d`` (rows are global row
+    numbers, as in the merged index). Parts are loaded once and kept when they fit ``max_bytes``,
+    else read again for each search call (memory: one part)."""
+
+    def __init__(self, store: Store, meta: dict | None = None, parts: list[dict] | None = None,
+                 max_bytes: int = MERGE_MAX_BYTES):
+        self.store = store
+        self.meta = meta or store.read_json(f"{INDEX_DIR}/index.json")
+        self.parts = self.meta["parts"] if parts is None else parts
+        self.ntotal = sum(p["rows"] for p in self.parts)
+        self.d = self.meta["dim"]
+        self.nprobe = self.meta["nprobe"]
+        per = bytes_per_vector(self.meta["kind"], self.d, self.meta.get("pq_m") or 1)
+        self._cache = {} if self.ntotal * per <= max_bytes else None
+
+    def _part(self, p: dict):
+        import faiss
+
+        if self._cache is not None and p["part"] in self._cache:
+            return self._cache[p["part"]]
+        with self.store.local_copy(p["file"]) as f:
+            index = faiss.read_index(f)
+        index.nprobe = self.nprobe
+        if self._cache is not None:
+            self._cache[p["part"]] = index
+        return index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        return merge_topk([self._part(p).search(queries, k) for p in self.parts], k)
+
+    def ids(self) -> list[str]:
+        return [i for p in self.parts for i in self.store.read_parquet(p["ids"], columns=["id"])["id"].to_pylist()]
+
+
+class PartSearcher:
+    """Ray actor holding some parts of a sharded index: one chunk of queries in, its parts' top-k out."""
+
+    def __init__(self, store_uri: str, parts: list[dict], threads: int = 1):
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        self.index = ShardedIndex(Store(store_uri), parts=parts, max_bytes=1 << 62)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(queries, k)
+
+
+class ClusterIndex:
+    """A sharded index searched by the cluster: its parts spread over ``num_searchers`` actors, each
+    query chunk sent to all of them and their top-k merged; behind faiss's ``search`` / ``ntotal`` / ``d``."""
+
+    def __init__(self, store: Store, num_searchers: int | None = None, cpus_per_searcher: float = 1.0):
+        import ray
+
+        self.meta = store.read_json(f"{INDEX_DIR}/index.json")
+        parts = self.meta["parts"]
+        n = max(1, min(num_searchers or len(parts), len(parts)))
+        groups = [parts[i::n] for i in range(n)]
+        actor = ray.remote(num_cpus=cpus_per_searcher)(PartSearcher)
+        self.actors = [actor.remote(store.uri, g, max(1, int(cpus_per_searcher))) for g in groups]
+        self.ntotal, self.d = sum(p["rows"] for p in parts), self.meta["dim"]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import ray
+
+        ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
+        return merge_topk(ray.get([a.search.remote(ref, k) for a in self.actors]), k)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def open_index(store: Store | str, use_gpu: bool | None = None):
+    """``(doc_ids, index)`` of an embed job's output: the merged ``index.faiss`` when there is one,
+    else the sharded parts (:class:`ShardedIndex`)."""
+    from .faiss_index import load_index
+
+    store = Store(store) if isinstance(store, str) else store
+    if store.exists("index.faiss") and store.exists("ids.parquet"):
+        ids = store.read_parquet("ids.parquet", columns=["id"])["id"].to_pylist()
+        with store.local_copy("index.faiss") as f:
+            index = load_index(f, use_gpu)
+        if store.exists(f"{INDEX_DIR}/index.json"):
+            index.nprobe = store.read_json(f"{INDEX_DIR}/index.json")["nprobe"]
+        return ids, index
+    index = ShardedIndex(store)
+    return index.ids(), index
