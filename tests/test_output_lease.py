@@ -25,14 +25,14 @@ def _ids(path):
 
 
 def _first_run_in_background(corpus, out, tmp_path):
-    """Start a run that stalls 8 s on its shard 2; return (thread, result box) once it holds the lease."""
+    """Start a run that stalls 5 s on its shard 2; return (thread, result box) once it holds the lease."""
     box = {}
 
     def run():
         try:
             box["result"] = run_embed_job(
                 corpus, out, SPEC, rows_per_shard=10, index_kind="flat",
-                runtime_env={"env_vars": {"BGE_RAY_FAULT": "sleep:2", "BGE_RAY_FAULT_SLEEP": "8",
+                runtime_env={"env_vars": {"BGE_RAY_FAULT": "sleep:2", "BGE_RAY_FAULT_SLEEP": "5",
                                           "BGE_RAY_FAULT_DIR": str(tmp_path)}})
         except BaseException as e:  # surfaced by the test
             box["error"] = e
