@@ -9,8 +9,15 @@ import pytest
 
 from bge_ray.batch.embed import run_embed_job
 from bge_ray.index.faiss_index import build_index
-from bge_ray.index.sharded import (INDEX_DIR, ClusterIndex, ShardedIndex, auto_kind, build_ivf_index, open_index,
-                                   plan_parts)
+from bge_ray.index.sharded import (
+    INDEX_DIR,
+    ClusterIndex,
+    ShardedIndex,
+    auto_kind,
+    build_ivf_index,
+    open_index,
+    plan_parts,
+)
 from bge_ray.io.readers import CorpusSpec
 from bge_ray.io.shards import embedding_array
 from bge_ray.io.store import Store

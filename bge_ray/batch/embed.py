@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from bge_ray.io.readers import CorpusSpec
 from bge_ray.io.lease import Lease
+from bge_ray.io.readers import CorpusSpec
 from bge_ray.io.shards import colbert_array, embedding_array, sparse_array
 from bge_ray.io.store import Store, filesystem, is_uri
 from bge_ray.models.spec import EmbedderSpec, without_query_options

@@ -107,6 +107,12 @@ class Lease:
             self.store.delete(self.key)
         except OSError as e:
             logger.warning("could not remove lease %s: %s", self.store.url(self.key), e)
+            return
+        if self.store.local:  # leave no empty _leases/ folder in a finished output
+            try:
+                os.rmdir(self.store.path(LEASES))
+            except OSError:
+                pass  # another run's lease is still there, or the folder is gone
 
     def __enter__(self) -> Lease:
         return self.acquire()
