@@ -8,7 +8,6 @@ import collections
 import functools
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -450,9 +449,7 @@ def build_job_index(store: Store, kind: str, manifest: dict, task_cpus: float = 
 def build_shard_index(store: Store | str, kind: str = "flat", files: list[str] | None = None) -> dict:
     """A flat or HNSW faiss index over the shards ``files`` (default: every ``shards/*.parquet``),
     added shard by shard, plus ``ids.parquet`` (row -> id)."""
-    import tempfile
-
-    from bge_ray.index.faiss_index import build_index, save_index
+    from bge_ray.index.faiss_index import build_index, store_index
     from bge_ray.io.shards import to_numpy
 
     store = Store(store) if isinstance(store, str) else store
@@ -471,8 +468,6 @@ def build_shard_index(store: Store | str, kind: str = "flat", files: list[str] |
         else:
             index.add(emb)
         ids += t["id"].to_pylist()
-    with tempfile.TemporaryDirectory(prefix="bge_ray_index_") as tmp:
-        save_index(index, os.path.join(tmp, "index.faiss"))
-        store.upload(os.path.join(tmp, "index.faiss"), "index.faiss")
+    store_index(store, index, "index.faiss")
     store.write_parquet("ids.parquet", pa.table({"id": pa.array(ids, pa.string())}))
     return {"kind": kind, "file": "index.faiss", "ids": "ids.parquet", "ntotal": int(index.ntotal)}

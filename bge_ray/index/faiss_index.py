@@ -60,6 +60,16 @@ def save_index(index, path: str) -> None:
         faiss.write_index(index, tmp)
 
 
+def store_index(store, index, rel: str) -> None:
+    """Write ``index`` to ``rel`` of a :class:`bge_ray.io.store.Store` (local or object store)."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bge_ray_index_") as d:
+        save_index(index, os.path.join(d, "index.faiss"))
+        store.upload(os.path.join(d, "index.faiss"), rel)
+
+
 def load_index(path: str, use_gpu: bool | None = None):
     faiss = _faiss()
     index = faiss.read_index(path)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 
 import numpy as np
 import pyarrow as pa
 
 from bge_ray.io.store import Store
+
+from .faiss_index import store_index
 
 logger = logging.getLogger(__name__)
 
@@ -108,14 +108,6 @@ def train_index(kind: str, nlist: int, pq_m: int, threads: int, *sample: np.ndar
     return faiss.serialize_index(index), len(x)
 
 
-def _write_index(store: Store, index, rel: str) -> None:
-    import faiss
-
-    with tempfile.TemporaryDirectory(prefix="bge_ray_index_") as d:
-        faiss.write_index(index, os.path.join(d, "i.faiss"))
-        store.upload(os.path.join(d, "i.faiss"), rel)
-
-
 def fill_part(store: Store, trained: np.ndarray, part: dict) -> dict:
     """Ray task: add one part's shards to a copy of the trained index; write the part and its ids."""
     import faiss
@@ -133,7 +125,7 @@ def fill_part(store: Store, trained: np.ndarray, part: dict) -> dict:
         raise RuntimeError(f"index part {part['part']}: shards hold {offset - part['offset']} rows, the manifest "
                            f"says {part['rows']}")
     index_file, ids_file = part_names(part["part"])
-    _write_index(store, index, index_file)
+    store_index(store, index, index_file)
     store.write_parquet(ids_file, pa.table({"id": pa.chunked_array(ids, pa.string())}))
     return {"part": part["part"], "file": index_file, "ids": ids_file, "offset": part["offset"],
             "rows": part["rows"], "seconds": round(time.perf_counter() - t0, 3)}
@@ -147,7 +139,7 @@ def merge_parts(store: Store, trained: np.ndarray, parts: list[dict]) -> None:
     for p in parts:
         with store.local_copy(p["file"]) as f:
             merged.merge_from(faiss.read_index(f), 0)
-    _write_index(store, merged, "index.faiss")
+    store_index(store, merged, "index.faiss")
     ids = [store.read_parquet(p["ids"], columns=["id"])["id"] for p in parts]
     store.write_parquet("ids.parquet", pa.table({"id": pa.chunked_array([c for a in ids for c in a.chunks],
                                                                        pa.string())}))
@@ -181,7 +173,7 @@ def build_ivf_index(store: Store, kind: str, shards: list[dict], dim: int, nlist
     trained, n_train = ray.get(ray.remote(num_cpus=1)(train_index).remote(kind, nlist, pq_m, threads, *refs))
     t_train = time.perf_counter() - t0
     trained_ref = ray.put(trained)
-    _write_trained(store, trained)
+    store.write_bytes(f"{INDEX_DIR}/trained.faiss", np.asarray(trained).tobytes())
     per_vector = bytes_per_vector(kind, dim, pq_m)
     parts = plan_parts(shards, per_vector, part_bytes)
     fill = ray.remote(num_cpus=task_cpus)(fill_part)
@@ -199,10 +191,6 @@ def build_ivf_index(store: Store, kind: str, shards: list[dict], dim: int, nlist
     logger.info("%s index: %d rows, %d lists, %d parts%s, trained on %s rows in %.1f s", kind, rows, nlist,
                 len(done), " + merged index.faiss" if merged else "", meta["train_rows"], t_train)
     return meta
-
-
-def _write_trained(store: Store, trained: np.ndarray) -> None:
-    store.write_bytes(f"{INDEX_DIR}/trained.faiss", np.asarray(trained).tobytes())
 
 
 # -- search -------------------------------------------------------------------------------------------
