@@ -83,6 +83,8 @@ def run(corpus: Path, out: Path, model: Path, args, address: str) -> dict:
         "driver_peak_rss_mb": round(peak[0] / 2**20, 1), "plan_seconds": m.get("plan_seconds"),
         "embed_seconds": m["embed_seconds"], "verify_seconds": m.get("verify_seconds"),
         "index_seconds": index.get("seconds"), "index": index.get("kind"), "job_seconds": m["seconds"],
+        "index_train_seconds": index.get("train_seconds"), "index_fill_seconds": index.get("fill_seconds"),
+        "nlist": index.get("nlist"), "index_parts": len(index.get("parts") or []) or None,
         "rows_per_s": round(m["rows"] / m["embed_seconds"], 1),
     }
 

@@ -113,3 +113,29 @@ def test_embed_job_on_s3_writes_ivf_parts_equal_to_exact_search(s3_server, ray_l
     _, exact = build_index(emb, "flat").search(emb[:5], 5)
     _, got = index.search(emb[:5], 5)
     np.testing.assert_array_equal(got, exact)
+
+
+def test_many_lists_use_an_hnsw_quantizer_with_the_same_merged_answer(tmp_path, ray_local):
+    """From 1024 lists the coarse quantizer is an HNSW graph (list assignment ~log nlist, not nlist)."""
+    import faiss
+
+    n, per = 40_960, 10_240
+    store = Store(str(tmp_path / "out"))
+    x = _clustered(n, 2)
+    files = []
+    for k, s in enumerate(range(0, n, per)):
+        f = f"shards/part-{k:05d}.parquet"
+        ids = pa.array([f"doc-{i}" for i in range(s, s + per)], pa.string())
+        store.write_parquet(f, pa.table({"id": ids, "embedding": embedding_array(x[s : s + per])}))
+        files.append({"file": f, "rows": per})
+    meta = build_ivf_index(store, "ivf", files, DIM, nlist=1024, nprobe=32, part_bytes=2 * per * 4 * DIM)
+    assert meta["quantizer"] == "hnsw" and len(meta["parts"]) == 2 and meta["file"] == "index.faiss"
+    _, merged = open_index(store)
+    assert isinstance(faiss.downcast_index(merged.quantizer), faiss.IndexHNSWFlat)
+    q = _clustered(50, 3)
+    ms, mr = merged.search(q, 10)
+    ss, sr = ShardedIndex(store).search(q, 10)
+    np.testing.assert_array_equal(sr, mr)
+    _, exact = build_index(x, "flat").search(q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(sr, exact, strict=True)])
+    assert recall >= 0.8, recall

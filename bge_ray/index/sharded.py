@@ -38,6 +38,12 @@ PART_BYTES = 1 << 30
 MERGE_MAX_BYTES = 4 << 30
 #: Upper bound on IVF lists: k-means cost grows with lists x training rows.
 MAX_NLIST = 16384
+#: From this many lists the coarse quantizer is an HNSW graph over the centroids, so assigning a vector
+#: to its list costs about log(nlist) rather than nlist (flat): fill time per row stays flat as the
+#: corpus (and with it nlist ~ sqrt(rows)) grows.
+HNSW_QUANTIZER_MIN_NLIST = 1024
+#: Parts are at least this big (bytes of vectors or codes) when they are split to keep every CPU busy.
+MIN_PART_BYTES = 64 << 20
 
 
 def auto_kind(rows: int) -> str:
@@ -91,7 +97,12 @@ def sample_shard(store: Store, file: str, k: int, seed: int) -> np.ndarray:
     return emb[np.sort(rng.choice(len(emb), size=min(k, len(emb)), replace=False))]
 
 
-def train_index(kind: str, nlist: int, pq_m: int, threads: int, *sample: np.ndarray) -> tuple[np.ndarray, int]:
+def quantizer_kind(nlist: int) -> str:
+    return "hnsw" if nlist >= HNSW_QUANTIZER_MIN_NLIST else "flat"
+
+
+def train_index(kind: str, nlist: int, pq_m: int, threads: int, nprobe: int, *sample: np.ndarray
+                ) -> tuple[np.ndarray, int]:
     """Ray task: the trained empty index, serialised (a uint8 array, cheap in the object store), and
     the number of training rows."""
     import faiss
@@ -99,7 +110,12 @@ def train_index(kind: str, nlist: int, pq_m: int, threads: int, *sample: np.ndar
     faiss.omp_set_num_threads(threads)
     x = np.concatenate(sample)
     dim = x.shape[1]
-    quantizer = faiss.IndexFlatIP(dim)
+    if quantizer_kind(nlist) == "hnsw":
+        quantizer = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        # A graph search must look at more candidates than the nprobe lists it returns.
+        quantizer.hnsw.efSearch = max(64, 4 * nprobe)
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
     if kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     else:
@@ -169,20 +185,24 @@ def build_ivf_index(store: Store, kind: str, shards: list[dict], dim: int, nlist
     sample_task = ray.remote(num_cpus=task_cpus)(sample_shard)
     refs = [sample_task.remote(store, s["file"], math.ceil(want * s["rows"] / picked_rows), seed)
             for s in picked if s["rows"]]
-    threads = max(1, int(ray.available_resources().get("CPU", 1)))
-    trained, n_train = ray.get(ray.remote(num_cpus=1)(train_index).remote(kind, nlist, pq_m, threads, *refs))
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    nprobe = nprobe or min(nlist, 16)
+    trained, n_train = ray.get(ray.remote(num_cpus=1)(train_index).remote(kind, nlist, pq_m, cpus, nprobe, *refs))
     t_train = time.perf_counter() - t0
     trained_ref = ray.put(trained)
     store.write_bytes(f"{INDEX_DIR}/trained.faiss", np.asarray(trained).tobytes())
     per_vector = bytes_per_vector(kind, dim, pq_m)
-    parts = plan_parts(shards, per_vector, part_bytes)
+    # Split into at least as many parts as the cluster has CPUs (fill tasks run one thread each), but
+    # no smaller than MIN_PART_BYTES: each part costs a search one more quantizer lookup.
+    total = rows * per_vector
+    parts = plan_parts(shards, per_vector, min(part_bytes, max(MIN_PART_BYTES, -(-total // cpus))))
     fill = ray.remote(num_cpus=task_cpus)(fill_part)
     done = ray.get([fill.remote(store, trained_ref, p) for p in parts])
     merged = rows * per_vector <= merge_max_bytes
     if merged:
         ray.get(ray.remote(num_cpus=task_cpus)(merge_parts).remote(store, trained_ref, done))
     meta = {"kind": kind, "layout": "sharded", "dim": dim, "ntotal": rows, "nlist": nlist,
-            "pq_m": pq_m if kind == "ivfpq" else None, "nprobe": nprobe or min(nlist, 16),
+            "pq_m": pq_m if kind == "ivfpq" else None, "nprobe": nprobe, "quantizer": quantizer_kind(nlist),
             "train_rows": n_train,
             "trained": f"{INDEX_DIR}/trained.faiss", "parts": done,
             "file": "index.faiss" if merged else None, "ids": "ids.parquet" if merged else None,
