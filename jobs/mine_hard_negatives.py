@@ -62,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     x.add_argument("--random_fill", default=True, **flag,
                    help="top up lines short of candidates with random corpus passages (FlagEmbedding does)")
     x.add_argument("--embedding_cache", default=None, help="folder of embeddings reused across runs")
+    x.add_argument("--pool_output", default=None,
+                   help="folder (local, shared or s3://) where the embed job embeds and indexes the pool, "
+                        "searched by the cluster and reused by later runs: for pools too big for one process")
+    x.add_argument("--pool_index", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
+                   help="the pool's index with --pool_output (auto: flat up to 1M passages, then IVF)")
+    x.add_argument("--num_searchers", type=int, default=None, help="searcher actors with --pool_output")
     x.add_argument("--seed", type=int, default=42)
     x.add_argument("--num_actors", type=int, default=None, help="embedding actors (default: one per GPU, else one single-threaded actor per core, up to 8)")
     x.add_argument("--use_gpu", default=None, **flag, help="embed on GPUs (default: if the cluster has them)")
@@ -106,6 +112,9 @@ def main(argv=None) -> int:
         query_instruction_format=args.query_instruction_format,
         query_max_length=args.max_query_length,
         embedding_cache=args.embedding_cache,
+        pool_output=args.pool_output,
+        pool_index=args.pool_index,
+        num_searchers=args.num_searchers,
         num_actors=args.num_actors or num_actors,
         use_gpu=args.use_gpu if args.use_gpu is not None else use_gpu,
         rows_per_call=args.rows_per_call,

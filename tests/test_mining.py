@@ -190,6 +190,36 @@ def test_score_filter_drops_near_positive_candidates(first_run, msmarco_slice, d
         assert not above & set(got["neg"])
 
 
+@pytest.mark.parametrize("pool_index", ["flat", "ivf"])
+def test_pool_on_the_cluster_gives_the_same_negatives(first_run, msmarco_slice, direct_scores, s3_server,
+                                                       pool_index):
+    """--pool_output s3://...: the embed job embeds and indexes the pool on the object store, searcher
+    actors answer the query chunks, and the negatives are those the in-process search picks (score
+    filter and random fill included, the fill's scores read back from the searchers)."""
+    root = msmarco_slice["root"]
+    bucket = f"pool-{pool_index}"
+    s3_server.create_bucket(Bucket=bucket)
+    cfg = MineConfig(range_for_sampling="0-60", negative_number=5, min_margin=0.05, search_batch_size=3, seed=7)
+    kwargs = {"candidate_pool": str(msmarco_slice["pool"]), "query_max_length": MAX_LEN,
+              "embedding_cache": str(root / "cache")}
+    local = mine_hard_negatives(str(msmarco_slice["train"]), str(root / "local.jsonl"), SPEC, cfg, **kwargs)
+    n_pool = len(msmarco_slice["pool_texts"])
+    for run in range(2):
+        out = root / f"cluster-{pool_index}-{run}.jsonl"
+        result = mine_hard_negatives(
+            str(msmarco_slice["train"]), str(out), SPEC, cfg, pool_output=f"s3://{bucket}/pools",
+            pool_index=pool_index, num_searchers=2, embed_fn=_no_embedding, **kwargs,
+        )
+        # First run: the pool embedded by the job; the second reuses it (queries, positives: the cache).
+        assert (result.passages.embedded, result.passages.cached) == ((n_pool, 8 * 2) if run == 0 else (0, n_pool + 16))
+        assert result.dropped_by_score == local.dropped_by_score and result.negatives == local.negatives
+        got, want = _lines(out), _lines(root / "local.jsonl")
+        assert [g["neg"] for g in got] == [w["neg"] for w in want]
+    keys = [o["Key"] for o in s3_server.list_objects_v2(Bucket=bucket, Prefix="pools/")["Contents"]]
+    assert any(k.endswith("/manifest.json") for k in keys) and any(k.startswith("pools/inputs/") for k in keys)
+    assert any(k.endswith("/index/index.json") for k in keys) == (pool_index == "ivf")
+
+
 def test_select_negatives_follows_flagembedding_rules():
     ranked, scores = [5, 1, 2, 3, 4, -1, -1], [0.9, 0.8, 0.7, 0.6, 0.5, -np.inf, -np.inf]
     rng = __import__("random").Random(0)

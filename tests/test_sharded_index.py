@@ -73,12 +73,21 @@ def test_parts_searched_one_by_one_or_by_actors_give_the_merged_answer(kind, sha
     ss, sr = sharded.search(q, 10)
     np.testing.assert_array_equal(sr, mr)
     np.testing.assert_allclose(ss, ms, rtol=1e-6, atol=1e-6)
-    cluster = ClusterIndex(store, num_searchers=2)
-    try:
-        cs, cr = cluster.search(q, 10)
-    finally:
-        cluster.close()
-    np.testing.assert_array_equal(cr, mr)
+    for prefer_merged in (False, True):  # parts spread over 2 actors, or the merged index on both
+        cluster = ClusterIndex(store, num_searchers=2, prefer_merged=prefer_merged)
+        try:
+            assert cluster.replicated == prefer_merged
+            cs, cr = cluster.search(q, 10)
+            np.testing.assert_array_equal(cr, mr)
+            # Stored vectors by global row, from whichever actor holds them (PQ: decoded codes).
+            rows = np.array([0, 1999, 3999, 1000])
+            got = cluster.vectors(rows)
+            np.testing.assert_allclose(got, x[rows], atol=1e-6 if kind == "ivf" else 0.5)
+            if kind == "ivf":
+                continue
+            assert np.mean(np.sum(got * x[rows], axis=1)) > 0.8
+        finally:
+            cluster.close()
     # Approximate, but close to exact search on clustered data.
     _, exact = build_index(x, "flat").search(q, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(sr, exact, strict=True)])

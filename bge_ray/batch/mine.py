@@ -7,13 +7,20 @@ FlagEmbedding: a score filter against the best positive (``max_score_ratio`` / `
 drop likely false negatives, a per-text embedding cache reused across runs, and ``seed``-determinism
 that does not depend on chunk sizes or actor counts.
 
+With ``pool_output`` the pool leaves the driver: it is embedded and indexed by the embed job
+(:func:`embed_pool`; shards + a flat or cluster-built IVF index in a local, shared or ``s3://``
+folder, reused by later runs), and query chunks are searched by searcher actors
+(:class:`bge_ray.index.sharded.ClusterIndex`), several chunks in flight.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -30,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 #: ``--query_instruction_for_retrieval auto``: take the model registry's default query instruction.
 AUTO_INSTRUCTION = "auto"
+#: Pools above this size are better embedded and searched on the cluster (``pool_output``).
+DRIVER_POOL_ROWS = 2_000_000
 
 
 # -- embedding: queries and passages in one actor pool, cached -------------------------------------
@@ -88,6 +97,62 @@ def embed_with_cache(
             offset += len(rows)
         out[role] = arr
     return out, stats
+
+
+# -- the pool on the cluster: embedded and indexed by the embed job --------------------------------
+def embed_pool(passages: Sequence[str], spec: EmbedderSpec, pool_output: str, num_actors: int | None = None,
+               use_gpu: bool | None = None, index_kind: str = "auto"):
+    """Embed and index ``passages`` (row ``i`` = passage ``i``) with the embed job into
+    ``pool_output/<key>``, the key naming the texts, the vector settings and the index kind: a
+    complete folder is reused, a partial one (a killed run) resumed. The job's input is written once,
+    to ``pool_output/inputs/<key>.jsonl``. Returns ``(store, EmbedStats)``."""
+    from bge_ray.batch.embed import run_embed_job
+    from bge_ray.io.readers import CorpusSpec
+    from bge_ray.io.store import Store
+
+    texts = hashlib.sha256()
+    for t in passages:
+        texts.update(text_hash(t).encode())
+    about = {"texts": texts.hexdigest(), "rows": len(passages), "index": index_kind,
+             "settings": cache_settings(spec, PASSAGE)}
+    key = hashlib.sha256(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    root = Store(pool_output)
+    job = Store(root.url(key))
+    if job.exists("manifest.json") and job.read_json("manifest.json").get("rows") == len(passages):
+        logger.info("candidate pool reused from %s (%d rows)", job.uri, len(passages))
+        return job, EmbedStats(cached=len(passages))
+    source = f"inputs/{key}.jsonl"
+    if not root.exists(source):  # content-addressed: never rewritten, so a resumed job sees the same file
+        with root.writer(source) as f:
+            for i, t in enumerate(passages):
+                f.write((json.dumps({"id": str(i), "text": t}, ensure_ascii=False) + "\n").encode())
+    result = run_embed_job(CorpusSpec(root.url(source), id_field="id", text_fields=("text",)), job.uri, spec,
+                           num_actors=num_actors, use_gpu=use_gpu, index_kind=index_kind)
+    if result.rows != len(passages):
+        raise RuntimeError(f"pool job {job.uri} embedded {result.rows} rows of {len(passages)}")
+    embedded = int(result.manifest.get("embedded_rows", len(passages)))
+    return job, EmbedStats(embedded=embedded, cached=len(passages) - embedded)
+
+
+class _LocalSearch:
+    """A faiss index in this process behind :class:`ClusterIndex`'s submit / result / vectors."""
+
+    def __init__(self, index, vectors: np.ndarray):
+        self.index, self._vectors = index, vectors
+
+    def submit(self, queries: np.ndarray, k: int):
+        return queries
+
+    def result(self, queries: np.ndarray, k: int):
+        from bge_ray.index.faiss_index import search
+
+        return search(self.index, queries, k, chunk_size=len(queries))
+
+    def vectors(self, rows) -> np.ndarray:
+        return self._vectors[rows]
+
+    def close(self) -> None:
+        pass
 
 
 # -- selection ----------------------------------------------------------------------------------
@@ -259,6 +324,9 @@ def mine_hard_negatives(
     use_gpu: bool | None = None,
     rows_per_call: int = 1024,
     embed_fn: Callable[..., np.ndarray] | None = None,
+    pool_output: str | None = None,
+    pool_index: str = "auto",
+    num_searchers: int | None = None,
 ) -> MineResult:
     """Write ``input_file``'s lines to ``output_file`` with ``neg`` replaced by mined negatives.
 
@@ -267,7 +335,7 @@ def mine_hard_negatives(
     ``neg_scores`` are dropped with the negatives they scored; other fields are kept. Ray must be
     initialised (:func:`bge_ray.batch.runtime.init_ray`).
     """
-    from bge_ray.index.faiss_index import build_index, search
+    from bge_ray.index.faiss_index import build_index
 
     t0 = time.perf_counter()
     spec = spec or EmbedderSpec()
@@ -300,52 +368,85 @@ def mine_hard_negatives(
         "query_max_length": query_max_length,
     }
     spec = replace(spec, extra={**spec.extra, **{k: v for k, v in query_options.items() if v is not None}})
-    vectors, stats = embed_with_cache(
-        {PASSAGE: passages, QUERY: queries}, spec, embedding_cache, embed_fn,
-        num_actors=num_actors, use_gpu=use_gpu, rows_per_call=rows_per_call,
-    )
-    p_emb, q_emb = vectors[PASSAGE], vectors[QUERY]
+    embed_kwargs = {"num_actors": num_actors, "use_gpu": use_gpu, "rows_per_call": rows_per_call}
+    if pool_output:
+        from bge_ray.index.sharded import ClusterIndex
+
+        pool_store, pool_stats = embed_pool(corpus, spec, pool_output, num_actors, use_gpu, pool_index)
+        # Positives only for the score filter; queries and positives are small beside the pool.
+        positives = _unique(p for r in records for p in r["pos"]) if config.filters else []
+        vectors, stats = embed_with_cache({PASSAGE: positives, QUERY: queries}, spec, embedding_cache, embed_fn,
+                                          **embed_kwargs)
+        stats[PASSAGE] = EmbedStats(pool_stats.embedded + stats[PASSAGE].embedded,
+                                    pool_stats.cached + stats[PASSAGE].cached)
+        pos_emb, pos_row = vectors[PASSAGE], {t: i for i, t in enumerate(positives)}
+        import ray
+
+        searchers = num_searchers or max(1, min(4, int(ray.available_resources().get("CPU", 1))))
+        searcher = ClusterIndex(pool_store, num_searchers=searchers)
+        in_flight = 2 * len(searcher.actors)
+    else:
+        if len(corpus) > DRIVER_POOL_ROWS:
+            logger.warning("a pool of %d passages is embedded into and searched by this process; pass "
+                           "pool_output (--pool_output) to embed and search it on the cluster", len(corpus))
+        vectors, stats = embed_with_cache({PASSAGE: passages, QUERY: queries}, spec, embedding_cache, embed_fn,
+                                          **embed_kwargs)
+        p_emb = vectors[PASSAGE]
+        pos_emb, pos_row = p_emb, None
+        index = build_index(p_emb[: len(corpus)], "flat")
+        if config.use_gpu_for_searching:
+            index = _gpu_index(index)
+        searcher, in_flight = _LocalSearch(index, p_emb[: len(corpus)]), 1
+    q_emb = vectors[QUERY]
     result = MineResult(output_file, len(records), len(corpus), 0, 0, 0, 0, stats[PASSAGE], stats[QUERY])
-
-    index = build_index(p_emb[: len(corpus)], "flat")
-    if config.use_gpu_for_searching:
-        index = _gpu_index(index)
     text_id = {t: i for i, t in enumerate(passages)}
+    pos_row = pos_row or text_id
     query_row = {q: i for i, q in enumerate(queries)}
-    corpus_emb = p_emb[: len(corpus)]
 
+    def submit(c0: int):
+        q_rows = [query_row[r["query"]] for r in records[c0 : c0 + config.search_batch_size]]
+        return c0, q_rows, searcher.submit(q_emb[q_rows], end)
+
+    # One chunk of queries x top-`end` at a time (a few in flight on the cluster): memory never holds
+    # all queries' results.
+    starts = list(range(0, len(records), config.search_batch_size))
+    pending = deque(submit(c0) for c0 in starts[:in_flight])
     out = []
-    for c0 in range(0, len(records), config.search_batch_size):
-        chunk = records[c0 : c0 + config.search_batch_size]
-        q_rows = [query_row[r["query"]] for r in chunk]
-        # One chunk of queries x top-`end` at a time: memory never holds all queries' results.
-        scores, ids = search(index, q_emb[q_rows], end, chunk_size=len(chunk))
-        for k, rec in enumerate(chunk):
-            qv = q_emb[q_rows[k]]
-            exclude = {text_id[p] for p in rec["pos"] if text_id.get(p, len(corpus)) < len(corpus)}
-            if text_id.get(rec["query"], len(corpus)) < len(corpus):
-                exclude.add(text_id[rec["query"]])
-            threshold = None
-            if config.filters:
-                best = float(max(p_emb[text_id[p]] @ qv for p in rec["pos"]))
-                threshold = config.threshold(best)
-            # Seeded per line (string seeds hash stably), so chunking and actor count never matter.
-            rng = random.Random(f"{config.seed}:{c0 + k}")
-            sel = select_negatives(
-                ids[k].tolist(), scores[k].tolist(), start=start, n=n, exclude=exclude, threshold=threshold,
-                rng=rng, corpus_size=len(corpus), score_of=lambda j, qv=qv: float(corpus_emb[j] @ qv),
-                random_fill=config.random_fill,
-            )
-            new = dict(rec)
-            new["neg"] = [corpus[j] for j in sel.ids]
-            # Old teacher scores describe the old negatives; keeping them (as FlagEmbedding does)
-            # would pair scores with the wrong passages in distillation.
-            result.stale_scores_dropped += new.pop("neg_scores", None) is not None
-            out.append(new)
-            result.negatives += len(sel.ids)
-            result.short_lines += sel.from_range < n
-            result.filled += len(sel.ids) - sel.from_range
-            result.dropped_by_score += sel.dropped_by_score
+    try:
+        for nxt in range(in_flight, len(starts) + in_flight):
+            c0, q_rows, handle = pending.popleft()
+            if nxt < len(starts):
+                pending.append(submit(starts[nxt]))
+            scores, ids = searcher.result(handle, end)
+            for k, rec in enumerate(records[c0 : c0 + config.search_batch_size]):
+                qv = q_emb[q_rows[k]]
+                exclude = {text_id[p] for p in rec["pos"] if text_id.get(p, len(corpus)) < len(corpus)}
+                if text_id.get(rec["query"], len(corpus)) < len(corpus):
+                    exclude.add(text_id[rec["query"]])
+                threshold = None
+                if config.filters:
+                    best = float(max(pos_emb[pos_row[p]] @ qv for p in rec["pos"]))
+                    threshold = config.threshold(best)
+                # Seeded per line (string seeds hash stably), so chunking and actor count never matter.
+                rng = random.Random(f"{config.seed}:{c0 + k}")
+                sel = select_negatives(
+                    ids[k].tolist(), scores[k].tolist(), start=start, n=n, exclude=exclude, threshold=threshold,
+                    rng=rng, corpus_size=len(corpus),
+                    score_of=lambda j, qv=qv: float(searcher.vectors([j])[0] @ qv),
+                    random_fill=config.random_fill,
+                )
+                new = dict(rec)
+                new["neg"] = [corpus[j] for j in sel.ids]
+                # Old teacher scores describe the old negatives; keeping them (as FlagEmbedding does)
+                # would pair scores with the wrong passages in distillation.
+                result.stale_scores_dropped += new.pop("neg_scores", None) is not None
+                out.append(new)
+                result.negatives += len(sel.ids)
+                result.short_lines += sel.from_range < n
+                result.filled += len(sel.ids) - sel.from_range
+                result.dropped_by_score += sel.dropped_by_score
+    finally:
+        searcher.close()
     write_jsonl(output_file, out)
     result.seconds = time.perf_counter() - t0
     logger.info(result.summary())
@@ -353,7 +454,7 @@ def mine_hard_negatives(
 
 
 __all__ = [
-    "AUTO_INSTRUCTION", "EmbeddingCache", "MineConfig", "MineResult", "TrainingDataError",
+    "AUTO_INSTRUCTION", "EmbeddingCache", "embed_pool", "MineConfig", "MineResult", "TrainingDataError",
     "actors_for_devices", "cache_settings", "embed_roles", "embed_with_cache", "hf_bool", "mine_hard_negatives",
     "parse_range", "read_candidate_pool", "read_training_jsonl", "select_negatives", "write_jsonl",
 ]

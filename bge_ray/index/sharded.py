@@ -42,6 +42,7 @@ MAX_NLIST = 16384
 #: to its list costs about log(nlist) rather than nlist (flat): fill time per row stays flat as the
 #: corpus (and with it nlist ~ sqrt(rows)) grows.
 HNSW_QUANTIZER_MIN_NLIST = 1024
+FILL_EF_SEARCH = 16
 #: Parts are at least this big (bytes of vectors or codes) when they are split to keep every CPU busy.
 MIN_PART_BYTES = 64 << 20
 
@@ -101,8 +102,19 @@ def quantizer_kind(nlist: int) -> str:
     return "hnsw" if nlist >= HNSW_QUANTIZER_MIN_NLIST else "flat"
 
 
-def train_index(kind: str, nlist: int, pq_m: int, threads: int, nprobe: int, *sample: np.ndarray
-                ) -> tuple[np.ndarray, int]:
+def set_search_params(index, nprobe: int | None) -> None:
+    """``nprobe`` lists per query; an HNSW coarse quantizer searches wide enough to find them."""
+    import faiss
+
+    if nprobe is None or not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+        return
+    index.nprobe = nprobe
+    quantizer = faiss.downcast_index(index.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(64, 4 * nprobe)
+
+
+def train_index(kind: str, nlist: int, pq_m: int, threads: int, *sample: np.ndarray) -> tuple[np.ndarray, int]:
     """Ray task: the trained empty index, serialised (a uint8 array, cheap in the object store), and
     the number of training rows."""
     import faiss
@@ -110,16 +122,22 @@ def train_index(kind: str, nlist: int, pq_m: int, threads: int, nprobe: int, *sa
     faiss.omp_set_num_threads(threads)
     x = np.concatenate(sample)
     dim = x.shape[1]
-    if quantizer_kind(nlist) == "hnsw":
+    hnsw = quantizer_kind(nlist) == "hnsw"
+    if hnsw:
         quantizer = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        # A graph search must look at more candidates than the nprobe lists it returns.
-        quantizer.hnsw.efSearch = max(64, 4 * nprobe)
+        # Filling assigns each vector to its one nearest list: a short graph search is enough
+        # (searches widen it, :func:`set_search_params`).
+        quantizer.hnsw.efSearch = FILL_EF_SEARCH
     else:
         quantizer = faiss.IndexFlatIP(dim)
     if kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     else:
         index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+    if hnsw:
+        # Exact k-means (BLAS over all training rows), then the graph is built over the centroids.
+        clustering = faiss.IndexFlatIP(dim)
+        index.clustering_index = clustering
     index.train(x)
     return faiss.serialize_index(index), len(x)
 
@@ -185,9 +203,9 @@ def build_ivf_index(store: Store, kind: str, shards: list[dict], dim: int, nlist
     sample_task = ray.remote(num_cpus=task_cpus)(sample_shard)
     refs = [sample_task.remote(store, s["file"], math.ceil(want * s["rows"] / picked_rows), seed)
             for s in picked if s["rows"]]
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     nprobe = nprobe or min(nlist, 16)
-    trained, n_train = ray.get(ray.remote(num_cpus=1)(train_index).remote(kind, nlist, pq_m, cpus, nprobe, *refs))
+    trained, n_train = ray.get(ray.remote(num_cpus=1)(train_index).remote(kind, nlist, pq_m, cpus, *refs))
     t_train = time.perf_counter() - t0
     trained_ref = ray.put(trained)
     store.write_bytes(f"{INDEX_DIR}/trained.faiss", np.asarray(trained).tobytes())
@@ -224,6 +242,23 @@ def merge_topk(answers: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
     return np.where(top_r < 0, -np.finfo(np.float32).max, top_s).astype(np.float32), top_r
 
 
+def index_layout(store: Store, prefer_merged: bool = True) -> tuple[dict, list[dict], bool]:
+    """``(meta, parts, merged)`` of an embed job's index. ``merged``: one file holds the whole index
+    (a flat / HNSW index, or the merged IVF index, unless ``prefer_merged`` is off), as one part."""
+    meta = store.read_json(f"{INDEX_DIR}/index.json") if store.exists(f"{INDEX_DIR}/index.json") else None
+    if (prefer_merged or meta is None) and store.exists("index.faiss") and store.exists("ids.parquet"):
+        if meta is None:
+            manifest = store.read_json("manifest.json") if store.exists("manifest.json") else {}
+            about = manifest.get("index") or {}
+            meta = {"kind": about.get("kind", "flat"), "dim": manifest.get("dim"), "nprobe": None, "pq_m": None,
+                    "ntotal": about.get("ntotal", manifest.get("rows"))}
+        whole = {"part": 0, "file": "index.faiss", "ids": "ids.parquet", "offset": 0, "rows": meta["ntotal"]}
+        return meta, [whole], True
+    if meta is None:
+        raise FileNotFoundError(f"{store.url()} holds no index (index.faiss or {INDEX_DIR}/index.json)")
+    return meta, meta["parts"], False
+
+
 class ShardedIndex:
     """The parts of a sharded index behind faiss's ``search`` / ``ntotal`` / ``d`` (rows are global row
     numbers, as in the merged index). Parts are loaded once and kept when they fit ``max_bytes``,
@@ -236,8 +271,8 @@ class ShardedIndex:
         self.parts = self.meta["parts"] if parts is None else parts
         self.ntotal = sum(p["rows"] for p in self.parts)
         self.d = self.meta["dim"]
-        self.nprobe = self.meta["nprobe"]
-        per = bytes_per_vector(self.meta["kind"], self.d, self.meta.get("pq_m") or 1)
+        self.nprobe = self.meta.get("nprobe")
+        per = bytes_per_vector(self.meta["kind"], self.d or 1, self.meta.get("pq_m") or 1)
         self._cache = {} if self.ntotal * per <= max_bytes else None
 
     def _part(self, p: dict):
@@ -247,7 +282,7 @@ class ShardedIndex:
             return self._cache[p["part"]]
         with self.store.local_copy(p["file"]) as f:
             index = faiss.read_index(f)
-        index.nprobe = self.nprobe
+        set_search_params(index, self.nprobe)
         if self._cache is not None:
             self._cache[p["part"]] = index
         return index
@@ -256,43 +291,95 @@ class ShardedIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         return merge_topk([self._part(p).search(queries, k) for p in self.parts], k)
 
+    def vectors(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(found, vectors)``: which of ``rows`` these parts hold, and their stored vectors (decoded
+        codes for IVF-PQ). IVF parts build their id -> list map on first use."""
+        import faiss
+
+        rows = np.asarray(rows, dtype=np.int64)
+        found = np.zeros(len(rows), dtype=bool)
+        out = np.zeros((len(rows), self.d or 0), dtype=np.float32)
+        for p in self.parts:
+            inside = (rows >= p["offset"]) & (rows < p["offset"] + p["rows"])
+            if not inside.any():
+                continue
+            index = self._part(p)
+            if isinstance(faiss.downcast_index(index), faiss.IndexIVF) and index.direct_map.type == 0:
+                index.set_direct_map_type(faiss.DirectMap.Hashtable)
+            vecs = np.stack([index.reconstruct(int(r)) for r in rows[inside]])
+            if out.shape[1] != vecs.shape[1]:
+                out = np.zeros((len(rows), vecs.shape[1]), dtype=np.float32)
+            out[inside], found[inside] = vecs, True
+        return found, out
+
     def ids(self) -> list[str]:
         return [i for p in self.parts for i in self.store.read_parquet(p["ids"], columns=["id"])["id"].to_pylist()]
 
 
 class PartSearcher:
-    """Ray actor holding some parts of a sharded index: one chunk of queries in, its parts' top-k out."""
+    """Ray actor holding some parts of a sharded index (or the whole merged one): one chunk of queries
+    in, its parts' top-k out."""
 
-    def __init__(self, store_uri: str, parts: list[dict], threads: int = 1):
+    def __init__(self, store_uri: str, meta: dict, parts: list[dict], threads: int = 1):
         import faiss
 
         faiss.omp_set_num_threads(threads)
-        self.index = ShardedIndex(Store(store_uri), parts=parts, max_bytes=1 << 62)
+        self.index = ShardedIndex(Store(store_uri), meta=meta, parts=parts, max_bytes=1 << 62)
+        for p in parts:
+            self.index._part(p)  # load now: the first query chunk should not pay for it
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(queries, k)
 
+    def vectors(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.vectors(rows)
+
 
 class ClusterIndex:
-    """A sharded index searched by the cluster: its parts spread over ``num_searchers`` actors, each
-    query chunk sent to all of them and their top-k merged; behind faiss's ``search`` / ``ntotal`` / ``d``."""
+    """An embed job's index searched by the cluster, behind faiss's ``search`` / ``ntotal`` / ``d``.
+    Sharded parts are spread over ``num_searchers`` actors, each query chunk goes to all of them and
+    their top-k are merged; a merged index is loaded by every searcher and each chunk goes to one.
+    :meth:`submit` / :meth:`result` keep several chunks in flight."""
 
-    def __init__(self, store: Store, num_searchers: int | None = None, cpus_per_searcher: float = 1.0):
+    def __init__(self, store: Store, num_searchers: int | None = None, cpus_per_searcher: float = 1.0,
+                 prefer_merged: bool = True):
         import ray
 
-        self.meta = store.read_json(f"{INDEX_DIR}/index.json")
-        parts = self.meta["parts"]
-        n = max(1, min(num_searchers or len(parts), len(parts)))
-        groups = [parts[i::n] for i in range(n)]
+        self.meta, parts, self.replicated = index_layout(store, prefer_merged)
+        n = max(1, num_searchers or (1 if self.replicated else len(parts)))
+        groups = [parts] * n if self.replicated else [g for g in (parts[i::n] for i in range(n)) if g]
         actor = ray.remote(num_cpus=cpus_per_searcher)(PartSearcher)
-        self.actors = [actor.remote(store.uri, g, max(1, int(cpus_per_searcher))) for g in groups]
+        self.actors = [actor.remote(store.uri, self.meta, g, max(1, int(cpus_per_searcher))) for g in groups]
         self.ntotal, self.d = sum(p["rows"] for p in parts), self.meta["dim"]
+        self._turn = 0
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def submit(self, queries: np.ndarray, k: int) -> list:
         import ray
 
         ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
-        return merge_topk(ray.get([a.search.remote(ref, k) for a in self.actors]), k)
+        if self.replicated:
+            self._turn += 1
+            return [self.actors[self._turn % len(self.actors)].search.remote(ref, k)]
+        return [a.search.remote(ref, k) for a in self.actors]
+
+    def result(self, refs: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import ray
+
+        return merge_topk(ray.get(refs), k)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.result(self.submit(queries, k), k)
+
+    def vectors(self, rows) -> np.ndarray:
+        """The stored vectors of global ``rows``."""
+        import ray
+
+        rows = np.asarray(rows, dtype=np.int64)
+        actors = self.actors[:1] if self.replicated else self.actors
+        out = None
+        for found, vecs in ray.get([a.vectors.remote(rows) for a in actors]):
+            out = vecs if out is None else np.where(found[:, None], vecs, out)
+        return out
 
     def close(self) -> None:
         import ray
@@ -313,7 +400,7 @@ def open_index(store: Store | str, use_gpu: bool | None = None):
         with store.local_copy("index.faiss") as f:
             index = load_index(f, use_gpu)
         if store.exists(f"{INDEX_DIR}/index.json"):
-            index.nprobe = store.read_json(f"{INDEX_DIR}/index.json")["nprobe"]
+            set_search_params(index, store.read_json(f"{INDEX_DIR}/index.json")["nprobe"])
         return ids, index
     index = ShardedIndex(store)
     return index.ids(), index
