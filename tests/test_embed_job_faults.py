@@ -136,11 +136,22 @@ def test_skip_counts_and_reports_bad_records(ray_local, tmp_path):
     assert "c.jsonl:3" in text and "c.jsonl:4: missing id" in text and "c.jsonl:9: missing text" in text
 
 
-def test_duplicate_ids_fail_without_a_manifest(ray_local, tmp_path):
+@pytest.mark.parametrize("where", ["driver", "cluster"])
+def test_duplicate_ids_fail_without_a_manifest(ray_local, tmp_path, monkeypatch, where):
+    """Small jobs check ids in the driver; large ones by the cluster's hash-partitioned shuffle (here
+    forced, with 3 buckets and the duplicate in two different shards)."""
+    from bge_ray.batch import verify
+
+    if where == "cluster":
+        monkeypatch.setattr(verify, "LOCAL_ROWS", 0)
+        monkeypatch.setattr(verify, "IDS_PER_BUCKET", 3)
     f = _write(tmp_path / "c.jsonl", GOOD + [json.dumps({"_id": "d1", "text": "again"})])
     with pytest.raises(ValueError, match="duplicate id 'd1'"):
-        run_embed_job(CorpusSpec(str(f)), str(tmp_path / "o"), SPEC, index_kind="none")
+        run_embed_job(CorpusSpec(str(f)), str(tmp_path / "o"), SPEC, index_kind="none", rows_per_shard=3)
     assert not (tmp_path / "o" / "manifest.json").exists()
+    good = _write(tmp_path / "good.jsonl", GOOD)
+    res = run_embed_job(CorpusSpec(str(good)), str(tmp_path / "g"), SPEC, index_kind="none", rows_per_shard=3)
+    assert res.manifest["rows"] == len(GOOD)
 
 
 def test_empty_file_and_missing_path(ray_local, tmp_path):

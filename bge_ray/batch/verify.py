@@ -21,6 +21,9 @@ from bge_ray.io.store import Store
 IDS_PER_BUCKET = 4_000_000
 #: Map tasks at most: bounds the driver's references to MAP_TASKS x buckets.
 MAP_TASKS = 256
+#: Jobs up to this many rows are checked in the driver itself (a bounded few MB of ids): fresh worker
+#: processes for the map and reduce tasks cost seconds, more than the check on a small job.
+LOCAL_ROWS = 100_000
 
 
 @dataclass
@@ -88,6 +91,10 @@ def verify_shards(store: Store, indexes: list[int], total_rows: int, num_cpus: f
     ids: ``(stats, n_duplicate_ids, [(id, shard, other shard), ...])``."""
     import ray
 
+    if total_rows <= LOCAL_ROWS:
+        stats, table = map_shards(store, indexes, 1)
+        n_dups, examples = reduce_bucket(table)
+        return stats, n_dups, examples
     buckets = max(1, math.ceil(total_rows / IDS_PER_BUCKET))
     groups = max(1, min(MAP_TASKS, len(indexes)))
     size = math.ceil(len(indexes) / groups)

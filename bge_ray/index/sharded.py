@@ -93,7 +93,10 @@ def _embeddings(store: Store, file: str) -> tuple[pa.Array, np.ndarray]:
 
 def sample_shard(store: Store, file: str, k: int, seed: int) -> np.ndarray:
     """``k`` rows of one shard, drawn without replacement (seeded by the shard's name)."""
-    _, emb = _embeddings(store, file)
+    t = store.read_parquet(file, columns=["embedding"])
+    from bge_ray.io.shards import to_numpy
+
+    emb = np.ascontiguousarray(to_numpy(t["embedding"]), dtype=np.float32)
     rng = np.random.default_rng([seed, int.from_bytes(file.encode()[-8:].rjust(8, b"\0"), "little")])
     return emb[np.sort(rng.choice(len(emb), size=min(k, len(emb)), replace=False))]
 
@@ -348,7 +351,9 @@ class ClusterIndex:
         self.meta, parts, self.replicated = index_layout(store, prefer_merged)
         n = max(1, num_searchers or (1 if self.replicated else len(parts)))
         groups = [parts] * n if self.replicated else [g for g in (parts[i::n] for i in range(n)) if g]
-        actor = ray.remote(num_cpus=cpus_per_searcher)(PartSearcher)
+        # A searcher lost with its node comes back (its parts re-read from the store) and the chunks it
+        # held are retried: searches are read-only.
+        actor = ray.remote(num_cpus=cpus_per_searcher, max_restarts=3, max_task_retries=3)(PartSearcher)
         self.actors = [actor.remote(store.uri, self.meta, g, max(1, int(cpus_per_searcher))) for g in groups]
         self.ntotal, self.d = sum(p["rows"] for p in parts), self.meta["dim"]
         self._turn = 0
