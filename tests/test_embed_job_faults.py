@@ -175,3 +175,16 @@ def test_parquet_and_csv_inputs_with_named_fields(ray_local, tmp_path):
                         str(tmp_path / "o2"), SPEC, index_kind="none")
     assert res.rows == 4
     shutil.rmtree(tmp_path / "o1")
+
+
+def test_plan_is_the_same_in_the_driver_and_in_ray_tasks(ray_local, tmp_path, monkeypatch):
+    """Small inputs are planned in the driver, large ones by one Ray task per file: same plan."""
+    from bge_ray.batch import embed
+
+    (tmp_path / "in").mkdir()
+    for k in range(3):
+        _write(tmp_path / "in" / f"c{k}.jsonl", GOOD[2 * k : 2 * k + 2])
+    corpus = CorpusSpec(str(tmp_path / "in"))
+    here = embed.plan_job(corpus, SPEC, None, 2)
+    monkeypatch.setattr(embed, "LOCAL_PLAN_BYTES", 0)
+    assert embed.plan_job(corpus, SPEC, None, 2) == here and len(here["files"]) == 3

@@ -29,6 +29,8 @@ QUERIES_PER_ITEM = 4096
 
 #: Largest automatic shard when ColBERT vectors are written (one float32 vector per token per row).
 COLBERT_ROWS_PER_SHARD = 2048
+#: Inputs up to this many bytes are planned in the driver rather than by Ray tasks.
+LOCAL_PLAN_BYTES = 64 << 20
 
 
 @dataclass
@@ -168,14 +170,21 @@ def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None,
     outputs = parse_outputs(outputs)
     files, fs = expand_paths(corpus.path)
     fmt = detect_format(files, corpus.format)
+    fingerprints = [file_fingerprint(f, fs) for f in files]
+    if sum(fp["size"] or 0 for fp in fingerprints) <= LOCAL_PLAN_BYTES:
+        # A small input is planned here: fresh worker processes for the tasks cost more than the scan.
+        def run(fn, *args):
+            return [fn(f, *args) for f in files]
+    else:
+        def run(fn, *args):
+            task = ray.remote(num_cpus=0.25)(fn)
+            return ray.get([task.remote(f, *args) for f in files])
     if rows_per_shard is None:
-        count_remote = ray.remote(num_cpus=0.25)(approx_rows)
-        total = sum(ray.get([count_remote.remote(f, fmt, fs) for f in files]))
+        total = sum(run(approx_rows, fmt, fs))
         # ColBERT keeps a vector per token: smaller shards bound what one item holds in memory.
         high = COLBERT_ROWS_PER_SHARD if "colbert" in outputs else 50_000
         rows_per_shard = auto_rows_per_shard(total, num_actors, low=min(1024, high), high=high)
-    plan_remote = ray.remote(num_cpus=0.25)(plan_file)
-    per_file = ray.get([plan_remote.remote(f, fmt, rows_per_shard, fs) for f in files])
+    per_file = run(plan_file, fmt, rows_per_shard, fs)
     shards = []
     for file_shards in per_file:
         for d in file_shards:
@@ -184,7 +193,7 @@ def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None,
         raise ValueError(f"input {corpus.path} holds no rows ({len(files)} file(s), all empty)")
     return {
         "input": corpus.path,
-        "files": [file_fingerprint(f, fs) for f in files],
+        "files": fingerprints,
         "format": fmt,
         "id_field": corpus.id_field,
         "text_fields": list(corpus.text_fields) if corpus.text_fields else None,
