@@ -149,6 +149,8 @@ def test_duplicate_ids_fail_without_a_manifest(ray_local, tmp_path, monkeypatch,
     with pytest.raises(ValueError, match="duplicate id 'd1'"):
         run_embed_job(CorpusSpec(str(f)), str(tmp_path / "o"), SPEC, index_kind="none", rows_per_shard=3)
     assert not (tmp_path / "o" / "manifest.json").exists()
+    if where == "cluster":
+        return  # the driver case shows a clean corpus passes; the shuffle's tasks cost seconds each time
     good = _write(tmp_path / "good.jsonl", GOOD)
     res = run_embed_job(CorpusSpec(str(good)), str(tmp_path / "g"), SPEC, index_kind="none", rows_per_shard=3)
     assert res.manifest["rows"] == len(GOOD)

@@ -38,9 +38,16 @@ def _same(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def test_worker_crash_resumes_from_checkpoint_and_matches_an_uninterrupted_run(ray_local, tiny_bert_nodrop, tmp_path):
-    train = _train_file(tmp_path)
-    clean = _train(tiny_bert_nodrop, train, tmp_path / "clean")
+@pytest.fixture(scope="module")
+def clean_run(ray_local, tiny_bert_nodrop, tmp_path_factory):
+    """The uninterrupted run both tests compare with: (train file, its output folder, its result)."""
+    root = tmp_path_factory.mktemp("resume")
+    train = _train_file(root)
+    return train, root / "clean", _train(tiny_bert_nodrop, train, root / "clean")
+
+
+def test_worker_crash_resumes_from_checkpoint_and_matches_an_uninterrupted_run(tiny_bert_nodrop, clean_run, tmp_path):
+    train, clean_dir, clean = clean_run
     marker = tmp_path / "crashed-once"
     crashed = _train(tiny_bert_nodrop, train, tmp_path / "crash", max_failures=1,
                      worker_env={"BGE_RAY_TRAIN_FAULT": f"3:{marker}"})
@@ -48,16 +55,16 @@ def test_worker_crash_resumes_from_checkpoint_and_matches_an_uninterrupted_run(r
     history = json.loads((tmp_path / "crash" / "training_summary.json").read_text())["log_history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4]  # step 3 redone once, from the step-2 checkpoint
     assert crashed.optimizer_steps == clean.optimizer_steps == 4
-    diff = _same(_weights(tmp_path / "clean"), _weights(tmp_path / "crash"))
+    diff = _same(_weights(clean_dir), _weights(tmp_path / "crash"))
     assert diff < 1e-6, diff
     # Training did move the weights away from the base checkpoint.
-    base, trained = _weights(Path(tiny_bert_nodrop)), _weights(tmp_path / "clean")
+    base, trained = _weights(Path(tiny_bert_nodrop)), _weights(clean_dir)
     shared = set(base) & set(trained)
     assert max((base[k] - trained[k]).abs().max().item() for k in shared) > 1e-4
 
 
-def test_rerunning_after_a_failed_run_resumes_it(ray_local, tiny_bert_nodrop, tmp_path):
-    train = _train_file(tmp_path)
+def test_rerunning_after_a_failed_run_resumes_it(tiny_bert_nodrop, clean_run, tmp_path):
+    train, clean_dir, clean = clean_run
     marker = tmp_path / "crashed-once"
     with pytest.raises(ray.train.TrainingFailedError):
         _train(tiny_bert_nodrop, train, tmp_path / "run", worker_env={"BGE_RAY_TRAIN_FAULT": f"3:{marker}"})
@@ -65,9 +72,8 @@ def test_rerunning_after_a_failed_run_resumes_it(ray_local, tiny_bert_nodrop, tm
     resumed = _train(tiny_bert_nodrop, train, tmp_path / "run")
     history = json.loads((tmp_path / "run" / "training_summary.json").read_text())["log_history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
-    clean = _train(tiny_bert_nodrop, train, tmp_path / "clean")
     assert resumed.optimizer_steps == clean.optimizer_steps
-    assert _same(_weights(tmp_path / "clean"), _weights(tmp_path / "run")) < 1e-6
+    assert _same(_weights(clean_dir), _weights(tmp_path / "run")) < 1e-6
     # A finished run rerun: nothing to do, the same model comes out.
     before = _weights(tmp_path / "run")
     _train(tiny_bert_nodrop, train, tmp_path / "run")

@@ -109,7 +109,10 @@ def embed_pool(passages: Sequence[str], spec: EmbedderSpec, pool_output: str, nu
     from bge_ray.batch.embed import run_embed_job
     from bge_ray.io.readers import CorpusSpec
     from bge_ray.io.store import Store
+    from bge_ray.models.spec import without_query_options
 
+    # Query options do not change passage vectors: they must not make a resumed pool job "another job".
+    spec = without_query_options(spec)
     texts = hashlib.sha256()
     for t in passages:
         texts.update(text_hash(t).encode())
