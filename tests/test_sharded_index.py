@@ -34,18 +34,23 @@ def _clustered(n, seed):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def _write_shards(store: Store, x: np.ndarray, per: int) -> list[dict]:
+    """An embed job's shard layout over ``x``: shards of ``per`` rows, ids doc-<row>."""
+    files = []
+    for k, s in enumerate(range(0, len(x), per)):
+        f = f"shards/part-{k:05d}.parquet"
+        ids = pa.array([f"doc-{i}" for i in range(s, s + per)], pa.string())
+        store.write_parquet(f, pa.table({"id": ids, "embedding": embedding_array(x[s : s + per])}))
+        files.append({"file": f, "rows": per})
+    return files
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """An embed job's shard layout: 8 shards of 500 rows, ids doc-<row>."""
+    """8 shards of 500 rows."""
     store = Store(str(tmp_path_factory.mktemp("ivf") / "out"))
     x = _clustered(ROWS, 0)
-    files = []
-    for k, s in enumerate(range(0, ROWS, SHARD)):
-        f = f"shards/part-{k:05d}.parquet"
-        ids = pa.array([f"doc-{i}" for i in range(s, s + SHARD)], pa.string())
-        store.write_parquet(f, pa.table({"id": ids, "embedding": embedding_array(x[s : s + SHARD])}))
-        files.append({"file": f, "rows": SHARD})
-    return store, files, x
+    return store, _write_shards(store, x, SHARD), x
 
 
 def test_plan_parts_groups_whole_shards_in_row_order():
@@ -131,12 +136,7 @@ def test_many_lists_use_an_hnsw_quantizer_with_the_same_merged_answer(tmp_path, 
     n, per = 40_960, 10_240
     store = Store(str(tmp_path / "out"))
     x = _clustered(n, 2)
-    files = []
-    for k, s in enumerate(range(0, n, per)):
-        f = f"shards/part-{k:05d}.parquet"
-        ids = pa.array([f"doc-{i}" for i in range(s, s + per)], pa.string())
-        store.write_parquet(f, pa.table({"id": ids, "embedding": embedding_array(x[s : s + per])}))
-        files.append({"file": f, "rows": per})
+    files = _write_shards(store, x, per)
     meta = build_ivf_index(store, "ivf", files, DIM, nlist=1024, nprobe=32, part_bytes=2 * per * 4 * DIM)
     assert meta["quantizer"] == "hnsw" and len(meta["parts"]) == 2 and meta["file"] == "index.faiss"
     _, merged = open_index(store)
