@@ -84,19 +84,17 @@ def part_names(part: int) -> tuple[str, str]:
 
 
 # -- tasks --------------------------------------------------------------------------------------------
-def _embeddings(store: Store, file: str) -> tuple[pa.Array, np.ndarray]:
+def _embeddings(store: Store, file: str, with_ids: bool = True) -> tuple[pa.Array | None, np.ndarray]:
     from bge_ray.io.shards import to_numpy
 
-    t = store.read_parquet(file, columns=["id", "embedding"])
-    return t["id"], np.ascontiguousarray(to_numpy(t["embedding"]), dtype=np.float32)
+    t = store.read_parquet(file, columns=["id", "embedding"] if with_ids else ["embedding"])
+    ids = t["id"] if with_ids else None
+    return ids, np.ascontiguousarray(to_numpy(t["embedding"]), dtype=np.float32)
 
 
 def sample_shard(store: Store, file: str, k: int, seed: int) -> np.ndarray:
     """``k`` rows of one shard, drawn without replacement (seeded by the shard's name)."""
-    t = store.read_parquet(file, columns=["embedding"])
-    from bge_ray.io.shards import to_numpy
-
-    emb = np.ascontiguousarray(to_numpy(t["embedding"]), dtype=np.float32)
+    _, emb = _embeddings(store, file, with_ids=False)
     rng = np.random.default_rng([seed, int.from_bytes(file.encode()[-8:].rjust(8, b"\0"), "little")])
     return emb[np.sort(rng.choice(len(emb), size=min(k, len(emb)), replace=False))]
 
@@ -126,20 +124,16 @@ def train_index(kind: str, nlist: int, pq_m: int, threads: int, *sample: np.ndar
     x = np.concatenate(sample)
     dim = x.shape[1]
     hnsw = quantizer_kind(nlist) == "hnsw"
-    if hnsw:
-        quantizer = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        # Filling assigns each vector to its one nearest list: a short graph search is enough
-        # (searches widen it, :func:`set_search_params`).
-        quantizer.hnsw.efSearch = FILL_EF_SEARCH
-    else:
-        quantizer = faiss.IndexFlatIP(dim)
+    quantizer = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT) if hnsw else faiss.IndexFlatIP(dim)
     if kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     else:
         index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+    clustering = faiss.IndexFlatIP(dim)  # kept alive here: faiss holds only a pointer
     if hnsw:
-        # Exact k-means (BLAS over all training rows), then the graph is built over the centroids.
-        clustering = faiss.IndexFlatIP(dim)
+        # Filling assigns each vector to its one nearest list: a short graph search is enough
+        # (searches widen it, :func:`set_search_params`). k-means stays exact (BLAS over the sample).
+        quantizer.hnsw.efSearch = FILL_EF_SEARCH
         index.clustering_index = clustering
     index.train(x)
     return faiss.serialize_index(index), len(x)
