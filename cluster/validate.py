@@ -14,6 +14,11 @@
 - A PersistentVolumeClaim's spec: against the PVC spec schema embedded in the same CRDs.
 - `ray up` configs: Ray's own `prepare_config` + `validate_config` (ray/autoscaler/ray-schema.json),
   what `ray up` runs before it contacts the cloud; local file_mounts must exist.
+- Nothing listens off loopback without auth: a cluster's dashboard / Jobs API (KubeRay binds it to
+  0.0.0.0 unless dashboard-host says otherwise) needs `authOptions.mode: token`; a bge_ray Serve app
+  on a non-loopback host needs its bearer token (`api_key_env`) in the app's runtime_env or in every
+  group's containers from a Secret that is not `optional`; a RayCluster container declaring the
+  Serve port needs the same.
 - cluster/runtime_env.yaml: Ray's RuntimeEnv, and its pip list equals pyproject's dependencies.
 - cluster/serve_config.yaml (for `serve deploy`): as a RayService's serveConfigV2.
 - One Ray version everywhere: rayVersion, the images' tags and the installed Ray.
@@ -312,6 +317,76 @@ def _cluster_spec_errors(spec: dict, at: str) -> list[str]:
     return errors
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+SERVE_PORT = 8000
+
+
+def dashboard_auth_errors(spec: dict, at: str) -> list[str]:
+    """The dashboard's Jobs API runs whatever it is sent: off loopback it needs Ray's token auth."""
+    params = spec.get("headGroupSpec", {}).get("rayStartParams") or {}
+    host = str(params.get("dashboard-host", "0.0.0.0"))  # KubeRay's default for the head
+    if host in LOOPBACK or (spec.get("authOptions") or {}).get("mode") == "token":
+        return []
+    return [f"{at}: the dashboard and Jobs API listen on {host} without auth (anyone who reaches port 8265 can "
+            f"run code on the cluster): set {at}.authOptions.mode: token, or dashboard-host: 127.0.0.1"]
+
+
+def _containers(spec: dict) -> list[tuple[str, dict]]:
+    groups = [("headGroupSpec", spec.get("headGroupSpec", {}))]
+    groups += [(f"workerGroupSpecs[{i}]", g) for i, g in enumerate(spec.get("workerGroupSpecs", []))]
+    return [(f"{name}.template.spec.containers[{j}]", c) for name, g in groups
+            for j, c in enumerate(g.get("template", {}).get("spec", {}).get("containers", []))]
+
+
+def _secret_env_errors(container: dict, env_name: str, at: str) -> list[str]:
+    """``env_name`` set in ``container``, from a Secret that must exist (a plain value is a key in the manifest)."""
+    entry = next((e for e in container.get("env", []) if e.get("name") == env_name), None)
+    ref = ((entry or {}).get("valueFrom") or {}).get("secretKeyRef")
+    if entry is None:
+        return [f"{at}.env: no {env_name}: the Serve app's bearer token, from a Secret"]
+    if ref is None:
+        return [f"{at}.env.{env_name}: set it from a Secret (valueFrom.secretKeyRef), not a value in the manifest"]
+    if ref.get("optional"):
+        return [f"{at}.env.{env_name}: the Secret is optional: without it the pod starts and serves with no auth; "
+                "drop `optional: true`"]
+    return []
+
+
+def serve_auth_errors(config: dict, cluster: dict, at: str) -> list[str]:
+    """A bge_ray app served off loopback must get its bearer token on every node an ingress can run on."""
+    from bge_ray.serve.config import AppSettings
+
+    host = str((config.get("http_options") or {}).get("host", "127.0.0.1"))  # Serve's default
+    if host in LOOPBACK:
+        return []
+    errors = []
+    for app in config.get("applications") or []:
+        if not str(app.get("import_path", "")).startswith("bge_ray.serve"):
+            continue
+        try:
+            env_name = AppSettings.from_args(app.get("args")).api_key_env
+        except ValueError:
+            continue  # reported by serve_config_errors
+        if ((app.get("runtime_env") or {}).get("env_vars") or {}).get(env_name):
+            continue
+        for where, container in _containers(cluster):
+            errors += [f"{at} (Serve on {host}, app {app.get('name')!r}): {e}"
+                       for e in _secret_env_errors(container, env_name, f"spec.rayClusterConfig.{where}")]
+    return errors
+
+
+def serve_port_errors(spec: dict, at: str) -> list[str]:
+    """A RayCluster that declares the Serve port is meant to serve: its containers carry the token."""
+    from bge_ray.serve.config import AppSettings
+
+    env_name = AppSettings().api_key_env
+    errors = []
+    for where, container in _containers(spec):
+        if any(p.get("containerPort") == SERVE_PORT or p.get("name") == "serve" for p in container.get("ports", [])):
+            errors += _secret_env_errors(container, env_name, f"{at}.{where}")
+    return errors
+
+
 def kuberay_errors(doc: dict) -> list[str]:
     kind = doc["kind"]
     spec = doc.get("spec", {})
@@ -323,6 +398,8 @@ def kuberay_errors(doc: dict) -> list[str]:
         errors.append(f"metadata.name: {name!r} is not a DNS-1035 label (lower case, digits, '-'; starts with a letter)")
     if kind == "RayCluster":
         errors += _cluster_spec_errors(spec, "spec")
+        errors += dashboard_auth_errors(spec, "spec")
+        errors += serve_port_errors(spec, "spec")
     elif kind == "RayJob":
         if not spec.get("rayClusterSpec") and not spec.get("clusterSelector"):
             errors.append("spec: one of rayClusterSpec or clusterSelector must be set")
@@ -337,6 +414,7 @@ def kuberay_errors(doc: dict) -> list[str]:
                 errors.append(f"spec.{key}: must be a positive integer")
         if spec.get("rayClusterSpec"):
             errors += _cluster_spec_errors(spec["rayClusterSpec"], "spec.rayClusterSpec")
+            errors += dashboard_auth_errors(spec["rayClusterSpec"], "spec.rayClusterSpec")
         if spec.get("submissionMode") != "InteractiveMode":
             if not spec.get("entrypoint"):
                 errors.append("spec.entrypoint: required unless submissionMode is InteractiveMode")
@@ -350,12 +428,16 @@ def kuberay_errors(doc: dict) -> list[str]:
                 errors.append(f"spec.runtimeEnvYAML.working_dir: {wd!r} is a local path; on Kubernetes it must be a "
                               "remote URI (s3://, gs://, https://...zip)")
     elif kind == "RayService":
-        errors += _cluster_spec_errors(spec.get("rayClusterConfig", {}), "spec.rayClusterConfig")
+        cluster = spec.get("rayClusterConfig", {})
+        errors += _cluster_spec_errors(cluster, "spec.rayClusterConfig")
+        errors += dashboard_auth_errors(cluster, "spec.rayClusterConfig")
         if "serveConfigV2" not in spec:
             errors.append("spec.serveConfigV2: missing: the Serve applications to run")
         else:
             config, errs = _parse_yaml_string(spec["serveConfigV2"], "spec.serveConfigV2")
             errors += errs or serve_config_errors(config, "spec.serveConfigV2")
+            if not errs and isinstance(config, dict):
+                errors += serve_auth_errors(config, cluster, "spec.serveConfigV2")
     return errors
 
 

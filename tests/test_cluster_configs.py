@@ -239,6 +239,52 @@ def test_rayservice_serve_config_is_checked():
     assert "applications.0.import_path: Field required" in _errors(svc)
 
 
+def test_ports_exposed_without_auth_are_rejected():
+    """Dashboard / Jobs API and Serve off loopback need a token; the shipped manifests pass (above)."""
+    svc = _doc("kuberay/rayservice.yaml")
+    del svc["spec"]["rayClusterConfig"]["authOptions"]
+    assert "spec.rayClusterConfig: the dashboard and Jobs API listen on 0.0.0.0 without auth" in _errors(svc)
+    svc["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] = "127.0.0.1"
+    assert "dashboard" not in _errors(svc)
+
+    def with_head_env(edit) -> str:
+        svc = _doc("kuberay/rayservice.yaml")
+        head = svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        (key,) = [e for e in head["env"] if e["name"] == "BGE_RAY_API_KEY"]
+        edit(head, key)
+        return _errors(svc)
+
+    assert "headGroupSpec.template.spec.containers[0].env.BGE_RAY_API_KEY: the Secret is optional" in with_head_env(
+        lambda c, key: key["valueFrom"]["secretKeyRef"].update(optional=True))
+    assert "containers[0].env: no BGE_RAY_API_KEY" in with_head_env(lambda c, key: c["env"].remove(key))
+    assert "not a value in the manifest" in with_head_env(lambda c, key: (key.pop("valueFrom"), key.update(value="k")))
+
+    def with_serve(edit) -> str:
+        svc = _doc("kuberay/rayservice.yaml")
+        config = yaml.safe_load(svc["spec"]["serveConfigV2"])
+        edit(config)
+        svc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+        for c in V._containers(svc["spec"]["rayClusterConfig"]):
+            c[1]["env"] = [e for e in c[1]["env"] if e["name"] != "BGE_RAY_API_KEY"]
+        return _errors(svc)
+
+    assert "(Serve on 0.0.0.0, app 'bge_ray')" in with_serve(lambda c: None)
+    assert "app 'bge_ray'" in with_serve(lambda c: c["applications"][0]["args"].update(api_key_env="OTHER_KEY"))
+    assert with_serve(lambda c: c["http_options"].update(host="127.0.0.1")) == ""
+    assert with_serve(lambda c: c["applications"][0].setdefault("runtime_env", {}).setdefault("env_vars", {})
+                      .update(BGE_RAY_API_KEY="from-runtime-env")) == ""
+
+    rc = _doc("kuberay/raycluster.yaml")
+    del rc["spec"]["authOptions"]
+    assert "spec: the dashboard and Jobs API listen on 0.0.0.0 without auth" in _errors(rc)
+    rc = _doc("kuberay/raycluster.yaml")
+    rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"].append({"containerPort": 8000})
+    assert "headGroupSpec.template.spec.containers[0].env: no BGE_RAY_API_KEY" in _errors(rc)
+    job = _doc("kuberay/rayjob-embed-corpus.yaml")
+    del job["spec"]["rayClusterSpec"]["authOptions"]
+    assert "spec.rayClusterSpec: the dashboard and Jobs API listen on 0.0.0.0 without auth" in _errors(job)
+
+
 def test_pvc_is_checked_against_the_claim_spec_schema():
     pvc = _doc("kuberay/pvc-shared.yaml")
     pvc["spec"]["accessModes"] = "ReadWriteMany"

@@ -70,3 +70,37 @@ def test_model_fingerprint_follows_the_files_not_the_path(tmp_path):
     assert model_fingerprint(str(folder)) != second
     assert model_fingerprint("BAAI/not-downloaded-anywhere") == "hub:BAAI/not-downloaded-anywhere@main"
     assert model_fingerprint(None) == model_fingerprint("all-MiniLM-L6-v2")
+
+
+@pytest.mark.parametrize("name,trusted", [
+    ("Alibaba-NLP/gte-base-en-v1.5", True),   # the registry's own repository
+    ("alibaba-nlp/GTE-base-en-v1.5", True),   # hub ids ignore case
+    ("gte-base-en-v1.5", True),               # a bare known name loads from that repository
+    ("someone/gte-base-en-v1.5", False),      # another owner's repository of the same name
+    ("{tmp}/gte-base-en-v1.5", False),        # a local folder of the same name
+    ("BAAI/bge-base-en-v1.5", False),         # an entry that needs no remote code
+])
+def test_registry_trusts_remote_code_only_for_its_own_repository(name, trusted, tmp_path, monkeypatch):
+    from bge_ray.models import FlagAutoReranker, registry
+
+    seen = {}
+
+    class Capture:
+        def __init__(self, path, **kwargs):
+            seen.update(kwargs, path=path)
+
+    monkeypatch.setattr(registry, "resolve_class", lambda class_name: Capture)
+    name = name.format(tmp=tmp_path)
+    if name.startswith(str(tmp_path)):
+        (tmp_path / "gte-base-en-v1.5").mkdir()
+    FlagAutoModel.from_finetuned(name)
+    assert seen["trust_remote_code"] is trusted
+    FlagAutoModel.from_finetuned(name, trust_remote_code=False)
+    assert seen["trust_remote_code"] is False
+    if not trusted:
+        FlagAutoModel.from_finetuned(name, trust_remote_code=True)  # the caller's word still counts
+        assert seen["trust_remote_code"] is True
+    FlagAutoReranker.from_finetuned("someone/gte-multilingual-reranker-base")
+    assert seen["trust_remote_code"] is False
+    FlagAutoReranker.from_finetuned("Alibaba-NLP/gte-multilingual-reranker-base")
+    assert seen["trust_remote_code"] is True

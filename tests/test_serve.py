@@ -33,6 +33,7 @@ TEXTS = [
 M3_INSTRUCTION = "Represent this query for retrieval: "
 API_KEY = "s3cret-token"
 MAX_INPUTS, MAX_CHARS = 16, 2000
+MAX_BODY, MAX_FLOATS = 256 * 1024, 20_000
 
 
 def _free_port() -> int:
@@ -43,7 +44,8 @@ def _free_port() -> int:
 
 # Quarter CPUs: the replicas of both apps fit beside whatever else the session's 2-CPU Ray holds.
 REPLICA = {"num_cpus": 0.25, "torch_threads": 1, "batch_wait_timeout_s": 0.05}
-LIMITS = {"max_inputs_per_request": MAX_INPUTS, "max_chars_per_input": MAX_CHARS}
+LIMITS = {"max_inputs_per_request": MAX_INPUTS, "max_chars_per_input": MAX_CHARS, "max_body_bytes": MAX_BODY,
+          "max_response_floats": MAX_FLOATS}
 # The key lives in the ingress replica's environment, as it would on a cluster.
 AUTH_ARGS = {
     "api_key_env": "BGE_RAY_TEST_KEY",
@@ -312,9 +314,10 @@ def test_thread_handles_share_weights_not_tokenizers():
     np.testing.assert_allclose(long_, model.encode_corpus(TEXTS * 8, max_length=64), atol=1e-5)
 
 
-def test_models_and_health(server):
+def test_models_and_health(server, tiny_m3):
     status, _, models = call(server + "/v1/models")
     assert status == 200
+    assert str(tiny_m3) not in json.dumps(models)  # served from a folder: the folder stays on the server
     cards = {m["id"]: m for m in models["data"]}
     assert cards["all-MiniLM-L6-v2"]["capabilities"] == ["dense"] and cards["all-MiniLM-L6-v2"]["dimensions"] == 384
     assert set(cards["bge-m3-tiny"]["capabilities"]) == {"dense", "sparse", "colbert"}
@@ -344,6 +347,11 @@ BAD = [
     ("/v1/embeddings", b'{"input": ["unterminated', 400, "malformed JSON"),
     ("/v1/embeddings", b"", 400, "empty"),
     ("/v1/embeddings", b'["a", "b"]', 400, "JSON object"),
+    ("/v1/embeddings", b'{"input": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", 400, "nested too deeply"),
+    ("/v1/embeddings", b"[" * 10_000, 400, "nested too deeply"),
+    ("/v1/embeddings", b'{"input": "x", "dimensions": 1' + b"0" * 5000 + b"}", 400, "malformed JSON"),
+    ("/v1/embeddings", {"input": ["ok", "\ud800"]}, 400, "input[1] is not valid Unicode"),
+    ("/v1/rerank", {"query": "q\udfff", "documents": ["a"]}, 400, "lone surrogate U+DFFF"),
     ("/v1/embeddings/sparse", {"input": "x", "model": "all-MiniLM-L6-v2"}, 400, "no sparse output"),
     ("/v1/embeddings/colbert", {"input": "x"}, 400, "no colbert output"),
     ("/v1/rerank", {"documents": ["a"]}, 400, "query"),
@@ -363,6 +371,117 @@ def test_bad_request_gets_a_clear_4xx(server, path, body, status, needle):
     assert got == status, err
     assert set(err["error"]) == {"message", "type", "param", "code"}
     assert needle in err["error"]["message"], err
+
+
+def _raw_http(url: str, head: str, body_parts, timeout: float = 60) -> tuple[int, dict]:
+    """POST over a plain socket: ``head`` (request line and headers), then ``body_parts`` as long as the
+    server reads them; the status and JSON body of whatever it answers."""
+    host_port, _, path = url.removeprefix("http://").partition("/")
+    host, port = host_port.split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head.replace("PATH", "/" + path).encode())
+        try:
+            for part in body_parts:
+                sock.sendall(part)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered and closed before the body was all sent
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.partition(b"\r\n\r\n")[2] or b"{}")
+
+
+def _content_length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def test_a_50mb_body_is_refused_before_it_is_read(server):
+    size = 50 * 1024 * 1024
+    head = (f"POST PATH HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n")
+    # 64 KiB of the 50 MB sent, then the client waits: the answer must come from the Content-Length.
+    status, err = _raw_http(server + "/v1/embeddings", head, [b'{"input": "' + b"x" * 65_000])
+    assert status == 413, err
+    assert "max_body_bytes" in err["error"]["message"] and str(size) in err["error"]["message"]
+    # Without a Content-Length the body is counted as it streams in: refused once past the limit.
+    head = head.replace(f"Content-Length: {size}", "Transfer-Encoding: chunked")
+    chunk = b"x" * 65_536
+    parts = (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(size // len(chunk)))
+    status, err = _raw_http(server + "/v1/embeddings", head, parts)
+    assert status == 413 and "max_body_bytes" in err["error"]["message"], err
+    assert call(server + "/v1/embeddings", {"input": "still serving"})[0] == 200
+
+
+def test_a_lone_surrogate_fails_its_own_request_not_its_batch_mates(layout):
+    bodies = [{"input": [f"request {i} text", "more text"]} for i in range(6)]
+    bodies[2] = {"input": ["fine", "broken \ud800 text"]}
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        got = list(pool.map(lambda b: call(layout + "/v1/embeddings", b), bodies))
+    statuses = [g[0] for g in got]
+    assert statuses == [200, 200, 400, 200, 200, 200], [g[2] for g in got]
+    assert "input[1] is not valid Unicode" in got[2][2]["error"]["message"]
+    shared = [int({k.lower(): v for k, v in g[1].items()}["x-batch-requests"]) for g in got if g[0] == 200]
+    assert max(shared) >= 2, shared  # they did share batches
+
+
+def test_colbert_response_over_the_limit_is_a_413(server):
+    body = {"input": [" ".join(f"w{i}" for i in range(200))] * MAX_INPUTS, "model": "bge-m3-tiny"}
+    status, _, err = call(server + "/v1/embeddings/colbert", body)
+    assert status == 413, err
+    assert "max_response_floats" in err["error"]["message"] and str(MAX_FLOATS) in err["error"]["message"]
+    status, _, ok = call(server + "/v1/embeddings/colbert", {"input": TEXTS[:2], "model": "bge-m3-tiny"})
+    assert status == 200 and len(ok["data"]) == 2
+
+
+def test_server_errors_name_a_request_id_not_the_exception():
+    from bge_ray.serve.ingress import Ingress
+
+    class Counter:
+        def inc(self, **_):
+            pass
+
+    ingress = object.__new__(Ingress.func_or_class)
+    ingress.api_key, ingress._m_requests = None, Counter()
+
+    class FakeRequest:
+        headers: dict = {}
+
+    async def boom():
+        raise RuntimeError('Traceback (most recent call last):\n  File "/secret/path.py", line 1')
+
+    import asyncio
+
+    response = asyncio.run(ingress._guard("/v1/embeddings", FakeRequest(), boom))
+    body = json.loads(response.body)
+    assert response.status_code == 500 and "request id" in body["error"]["message"]
+    assert "Traceback" not in response.body.decode() and "/secret" not in response.body.decode()
+
+
+def test_every_route_but_health_needs_the_token(server):
+    status, _, spec = call(server + "/openapi.json")
+    assert status == 200
+    routes = [(path, method.upper()) for path, ops in spec["paths"].items() for method in ops]
+    routes += [("/docs", "GET"), ("/openapi.json", "GET")]
+    assert {"/v1/embeddings", "/v1/rerank", "/v1/models", "/health"} <= {p for p, _ in routes}
+    for path, method in routes:
+        req = urllib.request.Request(server + path, data=b"{}" if method == "POST" else None, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as err:
+            status = err.code
+        assert status == (200 if path == "/health" else 401), (path, method, status)
+    req = urllib.request.Request(server + "/docs", headers=AUTH)
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.status == 200 and b"swagger" in resp.read().lower()
 
 
 def test_each_layout_rejects_before_the_model(layout):

@@ -21,6 +21,7 @@ from bge_ray.io.store import Store, filesystem, is_uri
 from bge_ray.models.spec import EmbedderSpec, without_query_options
 
 from .stage import PASSAGE, QUERY, Vectors, item_row, model_stage, parse_outputs, to_table
+from .verify import SHARD_META
 
 logger = logging.getLogger(__name__)
 
@@ -88,20 +89,22 @@ class EmbedJobResult:
         )
 
 
-def read_shard_item(meta: dict, id_field, text_fields, skip_bad: bool, input_uri: str = "") -> tuple[list, list, dict]:
+def read_shard_item(meta: dict, id_field, text_fields, skip_bad: bool, input_uri: str = "",
+                    id_kind: dict | None = None) -> tuple[list, list, dict]:
     """The prepare stage's reader: one planned shard's ids and texts; bad records in ``meta``.
-    ``input_uri``: the job's input, whose filesystem (local or object store) holds the shard's file."""
+    ``input_uri``: the job's input, whose filesystem (local or object store) holds the shard's file;
+    ``id_kind``: the plan's kind of id (integer or string), which every row's id must have."""
     from bge_ray.io.sharding import Shard, read_shard
 
     fs = filesystem(input_uri)[0] if is_uri(input_uri) else None
     shard = Shard(**{k: meta[k] for k in ("index", "file", "format", "start", "rows", "offset", "first_line")})
-    rows, bad = read_shard(shard, id_field, text_fields, fs, skip_bad)
+    rows, bad = read_shard(shard, id_field, text_fields, fs, skip_bad, id_kind)
     return rows["id"].to_pylist(), rows["text"].to_pylist(), {**meta, "n_bad": len(bad), "bad": bad[:20]}
 
 
 def shard_table(v: Vectors, outputs: tuple[str, ...], colbert_dim: int | None) -> pa.Table:
     """One shard's parquet table: ``id``, the asked outputs, ``n_tokens``."""
-    cols = {"id": pa.array(v.ids, pa.string())}
+    cols: dict = {"id": pa.array(v.ids, pa.string())}
     if "dense" in outputs:
         cols["embedding"] = embedding_array(v.dense)
     if "sparse" in outputs:
@@ -123,7 +126,10 @@ def commit_items(batch: pa.Table, store: Store, outputs: tuple[str, ...]) -> pa.
         t0 = time.perf_counter()
         meta = json.loads(row["meta"])
         v = Vectors.from_result(row)
-        store.write_parquet(shard_name(row["item"]), shard_table(v, outputs, row["colbert_dim"]))
+        table = shard_table(v, outputs, row["colbert_dim"])
+        # The shard describes itself: a rerun (whatever its --on-bad-record) counts its skipped rows right.
+        table = table.replace_schema_metadata({SHARD_META: json.dumps({"n_bad": meta["n_bad"], "bad": meta["bad"]})})
+        store.write_parquet(shard_name(row["item"]), table)
         meta.update(committed_rows=len(v.ids), tokens=int(v.n_tokens.sum()) if len(v.ids) else 0,
                     commit_seconds=round(time.perf_counter() - t0, 4))
         row.update(meta=json.dumps(meta), ids=[], dense=None, sparse_ids=None, sparse_weights=None,
@@ -156,6 +162,29 @@ def shard_name(index: int) -> str:
     return f"shards/part-{index:05d}.parquet"
 
 
+def _unusable_shards(store: Store, shards: list[dict], committed: set[str]) -> dict[int, str]:
+    """Committed shards that cannot count as done, with why: unreadable (zero-length, cut short,
+    corrupt) or holding other than their planned rows. Footers only, read in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .verify import shard_bad_records
+
+    def problem(s: dict) -> str | None:
+        try:
+            md = store.parquet_file(shard_name(s["index"])).metadata
+            n_bad = shard_bad_records(md.metadata)[0]
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is redone, the reason logged
+            return f"unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+        if md.num_rows + n_bad != s["rows"]:
+            return f"holds {md.num_rows} rows (+{n_bad} skipped), planned {s['rows']}"
+        return None
+
+    todo = [s for s in shards if shard_name(s["index"]).removeprefix("shards/") in committed]
+    with ThreadPoolExecutor(16) as pool:
+        found = dict(zip((s["index"] for s in todo), pool.map(problem, todo), strict=True))
+    return {i: p for i, p in found.items() if p}
+
+
 def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None, num_actors: int = 1,
              outputs: tuple[str, ...] = ("dense",)) -> dict:
     """The job's identity: inputs (with sizes and mtimes), fields, model, outputs and shard boundaries.
@@ -165,7 +194,13 @@ def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None,
     import ray
 
     from bge_ray.io.readers import detect_format, expand_paths
-    from bge_ray.io.sharding import approx_rows, auto_rows_per_shard, file_fingerprint, plan_file
+    from bge_ray.io.sharding import (
+        approx_rows,
+        auto_rows_per_shard,
+        file_fingerprint,
+        first_id_kind,
+        plan_file,
+    )
 
     outputs = parse_outputs(outputs)
     files, fs = expand_paths(corpus.path)
@@ -197,6 +232,8 @@ def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None,
         "format": fmt,
         "id_field": corpus.id_field,
         "text_fields": list(corpus.text_fields) if corpus.text_fields else None,
+        # Every row's id must be of this kind (integer or string): checked as the rows are read.
+        "id_kind": first_id_kind(files[0], fmt, corpus.id_field, fs),
         "rows_per_shard": rows_per_shard,
         "embedder": asdict(spec),
         # Weights replaced at the same path make this a different job: a rerun refuses to mix vectors.
@@ -209,7 +246,7 @@ def plan_job(corpus: CorpusSpec, spec: EmbedderSpec, rows_per_shard: int | None,
 def _plan_changes(old: dict, new: dict) -> str:
     """The parts of a plan that differ, for the error a rerun into another job's output gets."""
     names = {"input": "input", "files": "input files", "format": "format", "id_field": "id field",
-             "text_fields": "text fields", "rows_per_shard": "shard size", "embedder": "model settings",
+             "text_fields": "text fields", "id_kind": "id type", "rows_per_shard": "shard size", "embedder": "model settings",
              "model_fingerprint": "model files", "outputs": "outputs", "shards": "shard boundaries"}
     changed = [label for key, label in names.items() if old.get(key) != new.get(key)]
     return ", ".join(changed) or "the plan format"
@@ -285,6 +322,10 @@ def run_embed_job(
             store.write_json("plan.json", {"digest": digest, **plan})
 
         shards = plan["shards"]
+        for index, why in _unusable_shards(store, shards, committed).items() if committed else ():
+            logger.warning("shard %d (%s) is %s: embedding it again", index, shard_name(index), why)
+            store.delete(shard_name(index))
+            committed.discard(shard_name(index).removeprefix("shards/"))
         done = {s["index"] for s in shards if shard_name(s["index"]).removeprefix("shards/") in committed}
         pending = [s for s in shards if s["index"] not in done]
         logger.info("%d shards planned, %d already committed, %d to embed", len(shards), len(done), len(pending))
@@ -296,7 +337,7 @@ def run_embed_job(
         if pending or query_items:
             results = _run_pipeline(corpus, store, spec if queries is None else queries.spec, outputs,
                                     actor_plan.for_blocks(len(pending) or 1), query_items, pending, shards,
-                                    on_bad_record == "skip", runtime_env, split_stages)
+                                    on_bad_record == "skip", runtime_env, split_stages, plan.get("id_kind"))
             n_actors = actor_plan.for_blocks(len(pending) or 1).num_actors
         query_vectors = _query_vectors(len(query_items), [r for r in results if r["item"] < 0]) if queries else None
         results = [r for r in results if r["item"] >= 0]
@@ -340,13 +381,13 @@ def run_embed_job(
 
 
 def _run_pipeline(corpus, store, spec, outputs, actors, query_items, pending, shards, skip_bad, runtime_env,
-                  split_stages):
+                  split_stages, id_kind=None):
     """Query items and pending shards through read + tokenise -> model -> commit; one record per item."""
     import ray.data
 
     text_fields = tuple(corpus.text_fields) if corpus.text_fields else None
     reader = functools.partial(read_shard_item, id_field=corpus.id_field, text_fields=text_fields, skip_bad=skip_bad,
-                               input_uri=corpus.path)
+                               input_uri=corpus.path, id_kind=id_kind)
     # Query items are small: they go first and the actor that took them moves on.
     items = query_items + [item_row(s["index"], PASSAGE, [], None, meta=s) for s in pending]
     ds = ray.data.from_arrow([to_table([r]) for r in items])
@@ -390,10 +431,6 @@ def _verify_and_describe(plan: dict, store: Store, results: list[dict], task_cpu
     :mod:`bge_ray.batch.verify`); else raise (no manifest). The manifest from per-shard statistics."""
     from .verify import verify_shards
 
-    bad_by_shard = {}
-    for r in results:
-        meta = json.loads(r["meta"])
-        bad_by_shard[r["item"]] = (meta["n_bad"], meta["bad"])
     planned = {s["index"]: s for s in plan["shards"]}
     stats, n_dups, dup_examples = verify_shards(store, sorted(planned), sum(s["rows"] for s in planned.values()),
                                                 num_cpus=task_cpus)
@@ -402,7 +439,7 @@ def _verify_and_describe(plan: dict, store: Store, results: list[dict], task_cpu
         s = planned[index]
         if st is None:
             raise RuntimeError(f"shard {index} ({s['file']} rows {s['start']}..) was not committed")
-        n_bad, examples = bad_by_shard.get(index, (s["rows"] - st.rows, []))
+        n_bad, examples = st.n_bad, st.bad
         if st.rows + n_bad != s["rows"]:
             raise RuntimeError(
                 f"shard {index} holds {st.rows} rows (+{n_bad} skipped), planned {s['rows']}: "

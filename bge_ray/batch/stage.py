@@ -208,10 +208,11 @@ class ModelActor:
                 counts = unpack(row["token_counts"], np.int32).astype(np.int64)
                 features = Features({"input_ids": split_rows(unpack(row["tokens"], np.int32), counts)}, counts)
             got = model.encode_features(features, self.outputs)
+        _check_finite(got, row)
         n = len(row["ids"])
         row["n_tokens"] = pack(model.last_token_counts, np.int32)
         if "dense" in got:
-            dense = np.asarray(got["dense"], dtype=np.float32).reshape(n, -1)
+            dense = np.asarray(got["dense"], dtype=np.float32).reshape(n, -1 if n else model.dim)
             row["dim"] = dense.shape[1] if n else model.dim
             row["dense"] = pack(dense, np.float32)
         if "sparse" in got:
@@ -244,6 +245,33 @@ class ModelActor:
         if "colbert" in self.outputs:
             got["colbert"] = [np.asarray(v, np.float32).reshape(-1, model.colbert_dim) for v in enc["colbert_vecs"]]
         return got
+
+
+class NonFiniteOutputError(ValueError):
+    """The model gave NaN or inf for a row: nothing of its item is written."""
+
+
+def _check_finite(got: dict, row: dict) -> None:
+    """Raise naming the first row whose outputs hold NaN or inf (a broken checkpoint or fp16 overflow
+    would otherwise be written, indexed and searched as if it were a vector)."""
+    per_row = []
+    if got.get("dense") is not None:
+        dense = np.asarray(got["dense"])
+        if not np.isfinite(dense).all():
+            per_row.append(("dense", int(np.flatnonzero(~np.isfinite(dense.reshape(len(dense), -1)).all(axis=1))[0])))
+    for name, rows in (("sparse", [w for _, w in got.get("sparse") or []]), ("colbert", got.get("colbert") or [])):
+        bad = next((k for k, x in enumerate(rows) if not np.isfinite(np.asarray(x)).all()), None)
+        if bad is not None:
+            per_row.append((name, bad))
+    if not per_row:
+        return
+    name, k = min(per_row, key=lambda x: x[1])
+    where = ""
+    if row.get("meta"):
+        meta = json.loads(row["meta"])
+        where = f" of {meta['file']} (shard {meta['index']})" if "file" in meta else ""
+    raise NonFiniteOutputError(f"row id {row['ids'][k]!r}{where}: the model's {name} output holds NaN or inf; "
+                               f"nothing of this {row['role']} item was written")
 
 
 def model_stage(ds, spec, plan, outputs: Sequence[str] = ("dense",), reader=None, commit=None,

@@ -8,6 +8,7 @@ statistics record per shard and one object reference per (map task, bucket).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,10 @@ MAP_TASKS = 256
 LOCAL_ROWS = 100_000
 
 
+#: Key of a shard's parquet metadata holding its skipped bad records (``{"n_bad", "bad"}``).
+SHARD_META = b"bge_ray.shard"
+
+
 @dataclass
 class ShardStats:
     index: int
@@ -33,6 +38,17 @@ class ShardStats:
     tokens: int
     dim: int | None
     colbert_dim: int | None
+    n_bad: int = 0
+    bad: list | None = None  # where the first skipped records were
+
+
+def shard_bad_records(metadata: dict | None) -> tuple[int, list]:
+    """(count, first places) of the bad records a shard's commit skipped, from its parquet metadata."""
+    raw = (metadata or {}).get(SHARD_META)
+    if raw is None:
+        return 0, []
+    got = json.loads(raw)
+    return int(got["n_bad"]), list(got["bad"])
 
 
 def _shard_name(index: int) -> str:
@@ -63,6 +79,7 @@ def map_shards(store: Store, indexes: list[int], buckets: int):
             index, table.num_rows, int(pc.sum(table["n_tokens"]).as_py() or 0),
             schema.field("embedding").type.list_size if "embedding" in schema.names else None,
             schema.field("colbert").type.value_type.list_size if "colbert" in schema.names else None,
+            *shard_bad_records(schema.metadata),
         ))
         ids = table["id"].combine_chunks()
         which = _bucket_of(ids, buckets)

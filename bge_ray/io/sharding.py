@@ -8,6 +8,7 @@ and checks them, naming file and line for every bad record.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -37,6 +38,60 @@ class Shard:
 
 class BadRecordError(ValueError):
     """An input row that cannot be embedded; the message names file and line (or row)."""
+
+
+INTEGER, STRING = "integer", "string"
+
+
+def id_kind_of(value) -> str | None:
+    """``integer`` or ``string`` for an id value (None for other types, which :func:`_check` rejects)."""
+    if isinstance(value, bool):
+        return None
+    return INTEGER if isinstance(value, int) else STRING if isinstance(value, str) else None
+
+
+def first_id_kind(path: str, fmt: str, id_field: str | None, fs=None) -> dict | None:
+    """The kind of the file's ids (``{"kind", "at"}``) from its schema (parquet) or first record
+    (jsonl; csv ids are read as text): a job's ids must be one kind, or ``1`` and ``"1"`` would be one id."""
+
+    def id_column(names) -> str | None:
+        return id_field or ("_id" if "_id" in names else "id" if "id" in names else None)
+
+    if fmt == "csv":
+        return {"kind": STRING, "at": path}
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with _open(path, fs) as f:
+            schema = pq.ParquetFile(f).schema_arrow
+        idf = id_column(schema.names)
+        if idf not in schema.names:
+            return None  # the reader names the missing column
+        t = schema.field(idf).type
+        kind = INTEGER if pa.types.is_integer(t) else STRING if pa.types.is_string(t) or pa.types.is_large_string(t) else None
+        return {"kind": kind, "at": f"{path} (column {idf!r}: {t})"} if kind else None
+    with _open_text_stream(path, fs) as f:
+        for _, line_no, record in _records(f, False):
+            try:
+                row = json.loads(record)
+                idf = id_column(row)
+                kind = id_kind_of(row.get(idf)) if idf else None
+            except (json.JSONDecodeError, AttributeError):
+                kind = None
+            if kind:
+                return {"kind": kind, "at": f"{path}:{line_no}"}
+            if line_no > 100:  # no usable id near the top: each row's own check reports it
+                return None
+    return None
+
+
+def _id_kind_problem(value, idf: str, expected: dict | None) -> str | None:
+    kind = id_kind_of(value)
+    if expected is None or kind is None or kind == expected["kind"]:
+        return None
+    return (f"id {value!r} in field {idf!r} is {'an' if kind == INTEGER else 'a'} {kind} but this job's ids are "
+            f"{expected['kind']}s (as at {expected['at']}): 1 and \"1\" would be the same id; give every row an id "
+            f"of one type")
 
 
 class _Raw(io.RawIOBase):
@@ -207,9 +262,12 @@ def _read_csv_shard(shard: Shard, fs) -> pa.Table:
     records, header = _shard_records(shard, fs)
     delim = "\t" if shard.file.lower().removesuffix(".gz").endswith(".tsv") else ","
     body = header + b"".join(r if r.endswith(b"\n") else r + b"\n" for _, r in records)
+    # Every column as text: type inference would turn id 007 into 7.
+    names = next(csv.reader([header.decode("utf-8", "replace")], delimiter=delim), [])
     try:
         table = pacsv.read_csv(io.BytesIO(body), parse_options=pacsv.ParseOptions(delimiter=delim),
-                               convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+                               convert_options=pacsv.ConvertOptions(strings_can_be_null=False,
+                                                                    column_types={n: pa.string() for n in names}))
     except pa.ArrowInvalid as exc:
         lines = f"{records[0][0]}-{records[-1][0]}" if records else "?"
         raise BadRecordError(f"{shard.file}: lines {lines}: malformed CSV ({exc})") from None
@@ -235,12 +293,20 @@ def read_shard(
     text_fields: tuple[str, ...] | None,
     fs: pafs.FileSystem | None = None,
     skip_bad: bool = False,
+    id_kind: dict | None = None,
 ) -> tuple[pa.Table, list[str]]:
-    """The shard's ``{id, text}`` rows and, with ``skip_bad``, where each skipped bad record was."""
+    """The shard's ``{id, text}`` rows and, with ``skip_bad``, where each skipped bad record was.
+    ``id_kind`` (:func:`first_id_kind`): the job's kind of id; a row of another kind is a bad record."""
     if shard.format == "json":
-        return _read_jsonl_shard(shard, id_field, text_fields, fs, skip_bad)
+        return _read_jsonl_shard(shard, id_field, text_fields, fs, skip_bad, id_kind)
     if shard.format == "parquet":
         table, idf, tf = _read_parquet_rows(shard, id_field, text_fields, fs)
+        t = table.schema.field(idf).type
+        kind = INTEGER if pa.types.is_integer(t) else STRING
+        if id_kind is not None and kind != id_kind["kind"]:
+            # One type per parquet column: the whole file disagrees, not a row.
+            raise BadRecordError(f"{shard.file}: id column {idf!r} is {t} ({kind}s) but this job's ids are "
+                                 f"{id_kind['kind']}s (as at {id_kind['at']}): 1 and \"1\" would be the same id")
     else:
         table = _read_csv_shard(shard, fs)
         idf, tf = pick_fields(table.column_names, id_field, text_fields, shard.file)
@@ -279,7 +345,7 @@ def _read_parquet_rows(shard: Shard, id_field, text_fields, fs):
     return table.slice(shard.start - first, shard.rows), idf, tf
 
 
-def _read_jsonl_shard(shard, id_field, text_fields, fs, skip_bad):
+def _read_jsonl_shard(shard, id_field, text_fields, fs, skip_bad, id_kind=None):
     ids, rows, bad = [], [], []
     idf = tf = None
     records, _ = _shard_records(shard, fs)
@@ -289,7 +355,9 @@ def _read_jsonl_shard(shard, id_field, text_fields, fs, skip_bad):
             row = _parse_json(line, shard.file, line_no)
             if idf is None:
                 idf, tf = pick_fields(list(row), id_field, text_fields, where)
-            problem = _check(row.get(idf), row, idf, tf)
+                if text_fields is None and tf == ("text",):
+                    tf = ("title", "text")  # BEIR: rows may have a title where this first one has none
+            problem = _check(row.get(idf), row, idf, tf) or _id_kind_problem(row.get(idf), idf, id_kind)
         except (BadRecordError, ValueError) as exc:
             problem = str(exc).removeprefix(f"{where}: ")
             row = None

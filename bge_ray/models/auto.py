@@ -3,8 +3,10 @@
 Same contract as FlagEmbedding 1.4: an explicit ``model_class`` wins and the registry is then not
 consulted (unset options take the class defaults, ``"{}{}"`` for the query format); otherwise the
 name must be in :mod:`bge_ray.models.registry`, which supplies class, pooling, query format and
-``trust_remote_code``. Unlike FlagEmbedding, lookup ignores case, and a bare known name such as
-``bge-base-en-v1.5`` downloads from its hub organisation (``BAAI/bge-base-en-v1.5``).
+``trust_remote_code``. Unlike FlagEmbedding, lookup ignores case, a bare known name such as
+``bge-base-en-v1.5`` downloads from its hub organisation (``BAAI/bge-base-en-v1.5``), and the
+registry's ``trust_remote_code`` holds for its own repository only, not for a folder or another
+owner's repository of the same name.
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ def _load_name(model_name_or_path: str, spec: registry.ModelSpec | None) -> str:
     if spec is not None and spec.org and "/" not in name and "\\" not in name and not os.path.exists(name):
         return spec.hub_id
     return name
+
+
+def _registry_trusts(model_name_or_path: str, spec: registry.ModelSpec | None) -> bool:
+    """Whether a registry entry's ``trust_remote_code`` applies: only to the repository it names (its full
+    hub id, or its bare name, which loads from that id). A local folder or another owner's repository
+    that shares the name runs no remote code unless the caller passes ``trust_remote_code=True``."""
+    if spec is None or not spec.trust_remote_code:
+        return False
+    if _load_name(model_name_or_path, spec).lower() == spec.hub_id.lower():
+        return True
+    logger.warning("%s shares its name with %s, whose remote code the registry trusts; not trusting it here "
+                   "(pass trust_remote_code=True to run its code)", os.fspath(model_name_or_path), spec.hub_id)
+    return False
 
 
 class FlagAutoModel:
@@ -94,7 +109,7 @@ class FlagAutoModel:
             if pooling_method is None:
                 pooling_method = spec.pooling_method
             if trust_remote_code is None:
-                trust_remote_code = spec.trust_remote_code
+                trust_remote_code = _registry_trusts(model_name_or_path, spec)
             if query_instruction_format is None:
                 query_instruction_format = spec.query_instruction_format
         logger.info(
@@ -148,7 +163,7 @@ class FlagAutoReranker:
                 raise _unknown_name_error(model_name_or_path, registry.RERANKER)
             model_cls = spec.resolve_class()
             if trust_remote_code is None:
-                trust_remote_code = spec.trust_remote_code
+                trust_remote_code = _registry_trusts(model_name_or_path, spec)
         logger.info("FlagAutoReranker: %s as %s", model_name_or_path, model_cls.__name__)
         return model_cls(
             _load_name(model_name_or_path, spec),

@@ -109,11 +109,24 @@ class RerankerSettings(ReplicaSettings):
     """A reranking model (cross-encoder or LLM reranker)."""
 
 
+def is_local_path(name: str) -> bool:
+    """Whether a model string is a folder on this machine (never shown to clients)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
+
+
 class Limits(_Strict):
-    """Per-request limits; exceeding one gets a 400 that names it."""
+    """Per-request limits; exceeding one gets a 400 (or a 413 for sizes in bytes or floats) that names it."""
 
     max_inputs_per_request: int = Field(512, ge=1, description="texts per embeddings request / documents per rerank")
     max_chars_per_input: int = Field(32768, ge=1, description="characters per text, query or document")
+    # 512 inputs of 32768 ASCII characters fit, with JSON's quoting.
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="bytes per request body; a larger one is refused (413) before it is read"
+    )
+    # 2**24 floats: 64 MiB as float32, several times that as JSON numbers.
+    max_response_floats: int = Field(
+        1 << 24, ge=1, description="floats in one response (ColBERT: tokens x dim per input, summed); more is a 413"
+    )
 
 
 class AppSettings(_Strict):

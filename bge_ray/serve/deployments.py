@@ -40,6 +40,7 @@ class EmbedJob:
     query: bool = False
     modes: tuple[str, ...] = (DENSE,)
     return_tokens: bool = False
+    max_floats: int | None = None  # a ColBERT job over this is answered unrun, with its size in ``floats``
 
 
 @dataclass
@@ -58,6 +59,7 @@ class EmbedResult:
     colbert: list[np.ndarray] | None = None  # float32 [n_tokens - 1, dim] per text
     prompt_tokens: int = 0
     batch: BatchInfo = field(default_factory=lambda: BatchInfo(1, 0))
+    floats: int = 0  # numbers in the response (ColBERT: the tokens' vectors)
 
 
 @dataclass
@@ -158,7 +160,9 @@ class _Replica:
         self._m_batch_inputs.observe(n_inputs)
         self._m_requests.inc(len(jobs))
         self._m_inputs.inc(n_inputs)
-        self._m_tokens.inc(sum(r.prompt_tokens for r in results))
+        tokens = sum(r.prompt_tokens for r in results)
+        if tokens:  # zero when every job of the batch was answered unrun (Ray's counters take > 0 only)
+            self._m_tokens.inc(tokens)
         return results
 
     def check_health(self) -> None:
@@ -247,8 +251,13 @@ class EmbedderReplica(_Replica):
         """Run the batch as one model call per side (queries / documents), outputs split per job."""
         results: list[EmbedResult | None] = [None] * len(jobs)
         info = BatchInfo(len(jobs), sum(len(j.texts) for j in jobs))
+        for i, job in enumerate(jobs):
+            if COLBERT in job.modes and job.max_floats is not None:
+                floats = self._colbert_floats(model, job)
+                if floats > job.max_floats:
+                    results[i] = EmbedResult(batch=info, floats=floats)  # never run: the ingress answers 413
         for query in (False, True):
-            group = [i for i, j in enumerate(jobs) if j.query == query]
+            group = [i for i, j in enumerate(jobs) if j.query == query and results[i] is None]
             if not group:
                 continue
             texts = [t for i in group for t in jobs[i].texts]
@@ -268,6 +277,7 @@ class EmbedderReplica(_Replica):
                         part.tokens = [self._token_texts(w) for w in part.sparse]
                 if COLBERT in job.modes:
                     part.colbert = out[COLBERT][start:stop]
+                    part.floats = sum(int(np.size(v)) for v in part.colbert)
                 results[i] = part
                 start = stop
         return results  # type: ignore[return-value]
@@ -288,6 +298,13 @@ class EmbedderReplica(_Replica):
             SPARSE: out["lexical_weights"],
             COLBERT: out["colbert_vecs"],
         }
+
+    def _colbert_floats(self, model, job: EmbedJob) -> int:
+        """The size of a job's ColBERT output from its token counts (one vector per token but the
+        first), before the model runs."""
+        cut = model.query_max_length if job.query else model.passage_max_length
+        ids = model.tokenizer(job.texts, truncation=True, max_length=cut)["input_ids"]
+        return sum(max(0, len(x) - 1) for x in ids) * int(model.colbert_dim)
 
     def _token_counts(self, model, texts: list[str]) -> np.ndarray:
         counts = getattr(model, "last_token_counts", None)

@@ -1,8 +1,10 @@
 """The HTTP front: OpenAI / Cohere-compatible routes over the model deployments.
 
-Bodies are read and validated here, in this order: bearer token, JSON syntax, schema, limits, model
+Bodies are read and validated here, in this order: bearer token, body size (from Content-Length, then
+while it streams in), JSON syntax, schema, limits (including text that is not valid Unicode), model
 name, model capabilities; only valid work reaches a model replica, so one bad request never fails a
-batch it would have shared. Every error answers in OpenAI's shape.
+batch it would have shared. Every error answers in OpenAI's shape; a server error's body names a
+request id for the log, never the exception.
 """
 
 # No ``from __future__ import annotations`` here: Serve ships the route methods to the replica by value,
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -26,7 +29,7 @@ from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas
-from .config import Limits, ReplicaSettings, api_key_from_env
+from .config import Limits, ReplicaSettings, api_key_from_env, is_local_path
 from .deployments import COLBERT, DENSE, SPARSE, EmbedJob, EmbedResult, LocalHandle, RerankJob
 from .limits import ApiError, check_bearer, check_text, check_texts
 
@@ -35,6 +38,10 @@ logger = logging.getLogger(__name__)
 api = FastAPI(
     title="bge_ray",
     description="BGE / FlagEmbedding embedders and rerankers on Ray Serve (OpenAI and Cohere compatible).",
+    # Served by routes of the ingress below, behind the bearer token like every route but /health.
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
 
 
@@ -69,14 +76,42 @@ def _schema_error(errors: list[dict[str, Any]]) -> ApiError:
     return ApiError(400, text + more, param=param, code="invalid_value")
 
 
-async def _parse(request: Request, schema: type[BaseModel]) -> Any:
-    raw = await request.body()
+def _too_large(size: str, limit: int) -> ApiError:
+    return ApiError(
+        413, f"the request body has {size} bytes; this server accepts at most {limit} bytes per request "
+        "(limit max_body_bytes)", param=None, code="body_too_large",
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) from its Content-Length before any of it is read, or as soon as a body
+    without one streams past ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError(400, f"Content-Length {declared[:40]!r} is not a byte count", code="invalid_request")
+        if int(declared) > limit:
+            raise _too_large(declared.strip(), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"more than {limit}", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, schema: type[BaseModel], limits: Limits) -> Any:
+    raw = await _read_body(request, limits.max_body_bytes)
     if not raw.strip():
         raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"malformed JSON in the request body: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the JSON in the request body is nested too deeply", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        # ValueError: JSONDecodeError, and integers past Python's digit limit.
+        raise ApiError(400, f"malformed JSON in the request body: {exc}"[:500], code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(
             400, f"the request body is a JSON {type(data).__name__}; expected a JSON object", code="invalid_json"
@@ -85,6 +120,14 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise _schema_error(exc.errors()) from None
+
+
+async def _openapi(request: Request) -> Response:
+    return Response(json.dumps(request.app.openapi()), media_type="application/json")
+
+
+async def _docs(request: Request) -> Response:
+    return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title="bge_ray")
 
 
 def _batch_headers(batch) -> dict[str, str]:
@@ -174,16 +217,18 @@ class Ingress:
         except ApiError as exc:
             self._count(route, exc.status)
             return Response(exc.body(), exc.status, media_type="application/json")
-        except Exception as exc:  # noqa: BLE001 - the client gets an error body, the log the trace
-            logger.exception("%s failed", route)
+        except Exception:  # noqa: BLE001 - the client gets a request id, the log the trace
+            request_id = uuid.uuid4().hex[:16]
+            logger.exception("%s failed (request id %s)", route, request_id)
             self._count(route, 500)
-            err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}"[:2000], type="server_error")
+            err = ApiError(500, f"internal error (request id {request_id}; the server log has the details)",
+                           type="server_error", code="internal_error")
             return Response(err.body(), 500, media_type="application/json")
         self._count(route, response.status_code)
         return response
 
     async def _embed(self, request: Request, schema: type[schemas.EmbeddingRequest], mode: str):
-        req = await _parse(request, schema)
+        req = await _parse(request, schema, self.limits)
         texts = req.texts
         check_texts(texts, self.limits, "input")
         name = self._resolve("embedder", req.model)
@@ -217,8 +262,15 @@ class Ingress:
                     param="dimensions",
                     code="dimensions_not_supported",
                 )
-        job = EmbedJob(texts, req.is_query, (mode,), getattr(req, "return_tokens", False))
+        job = EmbedJob(texts, req.is_query, (mode,), getattr(req, "return_tokens", False),
+                       max_floats=self.limits.max_response_floats)
         result: EmbedResult = await self.handles["embedder"][name].embed.remote(job)
+        if result.floats > self.limits.max_response_floats:
+            raise ApiError(
+                413, f"the {mode} response would hold {result.floats} floats; this server answers at most "
+                f"{self.limits.max_response_floats} per request (limit max_response_floats): send fewer or shorter "
+                "inputs", param="input", code="response_too_large",
+            )
         usage = schemas.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
         headers = _batch_headers(result.batch)
         fmt = req.encoding_format
@@ -248,7 +300,7 @@ class Ingress:
         return _json(schemas.ColbertResponse(data=data, model=name, usage=usage), headers=headers)
 
     async def _rerank(self, request: Request) -> Response:
-        req = await _parse(request, schemas.RerankRequest)
+        req = await _parse(request, schemas.RerankRequest, self.limits)
         docs = req.texts
         check_text(req.query, self.limits, "query")
         check_texts(docs, self.limits, "documents")
@@ -274,7 +326,9 @@ class Ingress:
         for kind, handles in self.handles.items():
             infos = await asyncio.gather(*(self._model_info(kind, n) for n in handles))
             for name, info in zip(handles, infos, strict=True):
-                aliases = sorted(a for a, n in self.aliases[kind].items() if n == name and a != name)
+                aliases = sorted(
+                    a for a, n in self.aliases[kind].items() if n == name and a != name and not is_local_path(a)
+                )
                 cards.append(
                     schemas.ModelCard(
                         id=name,
@@ -315,6 +369,15 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
         return await self._guard("/v1/models", request, self._models)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Response:
+        return await self._guard("/openapi.json", request, lambda: _openapi(request))
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Response:
+        """Swagger UI; with auth on, the browser must send the token for /openapi.json too."""
+        return await self._guard("/docs", request, lambda: _docs(request))
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:

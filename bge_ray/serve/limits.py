@@ -42,7 +42,17 @@ def check_texts(texts: list[str], limits: Limits, param: str) -> None:
 
 
 def check_text(text: str, limits: Limits, param: str) -> None:
-    """Reject a text longer than ``max_chars_per_input``, naming it."""
+    """Reject a text longer than ``max_chars_per_input``, or one that is not valid Unicode (a lone
+    surrogate such as ``"\\ud800"`` passes the JSON parser but no tokenizer), naming it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(
+            400,
+            f"{param} is not valid Unicode text: a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}",
+            param=param,
+            code="invalid_text",
+        ) from None
     if len(text) > limits.max_chars_per_input:
         raise ApiError(
             400,

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -118,15 +118,64 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def _rng_file(rank: int) -> str:
+    return f"rng_state_rank{rank}.pt"
+
+
+def _rng_state() -> dict:
+    """This process's random state (dropout masks come from torch's): saved with every checkpoint, so
+    a resumed run draws what the uninterrupted run would have."""
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _save_checkpoint(task: TrainTask, model, tokenizer, optimizer, scheduler, step: int, metrics: dict,
-                     history: list | None = None) -> str:
+                     history: list | None = None, scaler=None, rank: int = 0) -> str:
+    """A temp folder holding the checkpoint (removed again if writing it fails)."""
     folder = tempfile.mkdtemp(prefix="bge_ray_ckpt_")
-    task.save(_unwrap(model), tokenizer, os.path.join(folder, MODEL_DIR))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
-        torch.save(scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
-    with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as f:
-        json.dump({"step": step, "metrics": metrics, "log_history": history or []}, f)
+    try:
+        task.save(_unwrap(model), tokenizer, os.path.join(folder, MODEL_DIR))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+            torch.save(scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
+        if scaler is not None:
+            torch.save(scaler.state_dict(), os.path.join(folder, "scaler.pt"))
+        torch.save(_rng_state(), os.path.join(folder, _rng_file(rank)))
+        with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as f:
+            json.dump({"step": step, "metrics": metrics, "log_history": history or []}, f)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _rank_files(rank: int) -> str:
+    """The temp folder a rank other than 0 reports: its random state only (Ray Train puts every
+    rank's files in the same checkpoint folder)."""
+    folder = tempfile.mkdtemp(prefix="bge_ray_ckpt_rank_")
+    try:
+        torch.save(_rng_state(), os.path.join(folder, _rng_file(rank)))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
 
 
@@ -136,17 +185,31 @@ def read_state(folder: str) -> dict:
         return json.load(f)
 
 
-def _restore(task: TrainTask, model, checkpoint) -> tuple[int, dict | None, dict | None, list]:
-    """Weights into ``model``; returns (steps done, optimizer state, scheduler state, log history)."""
+@dataclass
+class Restored:
+    """What a checkpoint gives a resumed worker besides the weights."""
+
+    step: int = 0
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    rng: dict | None = None
+    history: list = field(default_factory=list)
+
+
+def _restore(task: TrainTask, model, checkpoint, rank: int) -> Restored:
+    """Weights into ``model``; the rest of the checkpoint's state for this rank."""
+
+    def load(d, name):
+        path = os.path.join(d, name)
+        # Random states hold numpy / Python objects, which weights_only loading refuses.
+        return torch.load(path, map_location="cpu", weights_only=not name.startswith("rng_")) if os.path.exists(path) else None
+
     with checkpoint.as_directory() as d:
         state = read_state(d)
-        step = int(state["step"])
         task.load(model, os.path.join(d, MODEL_DIR))
-        opt = sched = None
-        if os.path.exists(os.path.join(d, "optimizer.pt")):
-            opt = torch.load(os.path.join(d, "optimizer.pt"), map_location="cpu", weights_only=True)
-            sched = torch.load(os.path.join(d, "scheduler.pt"), map_location="cpu", weights_only=True)
-    return step, opt, sched, state.get("log_history", [])
+        return Restored(int(state["step"]), load(d, "optimizer.pt"), load(d, "scheduler.pt"), load(d, "scaler.pt"),
+                        load(d, _rng_file(rank)), state.get("log_history", []))
 
 
 def _move_optimizer_state(state: dict, device: torch.device) -> dict:
@@ -176,17 +239,20 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.gradient_checkpointing:
         backbone = getattr(model, "backbone", model)
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    start_step, opt_state, sched_state, history = 0, None, None, []
+    restored = Restored()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        start_step, opt_state, sched_state, history = _restore(task, model, checkpoint)
-        logger.info("rank %d: resuming after optimizer step %d", rank, start_step)
+        restored = _restore(task, model, checkpoint, rank)
+        logger.info("rank %d: resuming after optimizer step %d", rank, restored.step)
+    start_step, history = restored.step, restored.history
     device = ray.train.torch.get_device()
     model.train()
 
     if cfg.deepspeed:
         engine, optimizer, scheduler = _deepspeed(model, cfg, device)
         ddp = engine
+        if checkpoint is not None:
+            _deepspeed_restore(engine, checkpoint)
     else:
         if world_size > 1:
             ddp = ray.train.torch.prepare_model(model)
@@ -195,11 +261,14 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer = _adamw(model, cfg)
         scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=_warmup(cfg),
                                   num_training_steps=cfg.optimizer_steps)
-        if opt_state is not None:
-            optimizer.load_state_dict(_move_optimizer_state(opt_state, device))
-            scheduler.load_state_dict(sched_state)
+        if restored.optimizer is not None:
+            optimizer.load_state_dict(_move_optimizer_state(restored.optimizer, device))
+            scheduler.load_state_dict(restored.scheduler)
     scaler = torch.amp.GradScaler("cuda") if cfg.fp16 and not cfg.deepspeed else None
-
+    if scaler is not None and restored.scaler is not None:
+        scaler.load_state_dict(restored.scaler)
+    if restored.rng is not None:
+        _set_rng_state(restored.rng)  # last: building and loading the model drew from it
     shard = ray.train.get_dataset_shard(f"rank{rank}")
     from .data import iter_global_batches
 
@@ -252,14 +321,15 @@ def train_loop_per_worker(config: dict) -> None:
         history.append(metrics)
         final = step >= cfg.optimizer_steps
         if final or (cfg.save_steps and step % cfg.save_steps == 0):
-            _report_checkpoint(task, ddp, tokenizer, optimizer, scheduler, step, metrics, rank, cfg, history)
+            _report_checkpoint(task, ddp, tokenizer, optimizer, scheduler, step, metrics, rank, cfg, history, scaler)
             last_saved = step
         elif cfg.logging_steps and step % cfg.logging_steps == 0:
             ray.train.report(metrics)
         if final:
             break
     if last_saved != step:  # data ran out before the planned step count (should not happen)
-        _report_checkpoint(task, ddp, tokenizer, optimizer, scheduler, step, {"step": step}, rank, cfg, history)
+        _report_checkpoint(task, ddp, tokenizer, optimizer, scheduler, step, {"step": step}, rank, cfg, history,
+                           scaler)
 
 
 def _maybe_inject_fault(step: int, rank: int) -> None:
@@ -275,16 +345,17 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
     os._exit(1)
 
 
-def _report_checkpoint(task, model, tokenizer, optimizer, scheduler, step, metrics, rank, cfg, history) -> None:
+def _report_checkpoint(task, model, tokenizer, optimizer, scheduler, step, metrics, rank, cfg, history,
+                       scaler=None) -> None:
     import ray.train
 
     if cfg.deepspeed:
         _deepspeed_gather_and_save(task, model, tokenizer, step, metrics, rank, history)
         return
     if rank != 0:
-        ray.train.report(metrics)
-        return
-    folder = _save_checkpoint(task, model, tokenizer, optimizer, scheduler, step, metrics, history)
+        folder = _rank_files(rank)
+    else:
+        folder = _save_checkpoint(task, model, tokenizer, optimizer, scheduler, step, metrics, history, scaler, rank)
     try:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     finally:
@@ -330,9 +401,25 @@ def _deepspeed(model, cfg: LoopConfig, device):
     return engine, optimizer, scheduler
 
 
+DEEPSPEED_DIR = "deepspeed"
+
+
+def _deepspeed_restore(engine, checkpoint) -> None:
+    """Optimizer partitions, scheduler and loss scaler from DeepSpeed's part of the checkpoint (the
+    weights came from the inference layout already)."""
+    with checkpoint.as_directory() as d:
+        ds_dir = os.path.join(d, DEEPSPEED_DIR)
+        if os.path.isdir(ds_dir):
+            engine.load_checkpoint(ds_dir, tag="latest", load_optimizer_states=True, load_lr_scheduler_states=True)
+        else:
+            logger.warning("the checkpoint has no DeepSpeed state (an earlier bge_ray): optimizer and schedule restart")
+
+
 def _deepspeed_gather_and_save(task, engine, tokenizer, step, metrics, rank, history) -> None:
-    """ZeRO-3 shards parameters: gather them on every rank, rank 0 writes the inference layout.
-    Optimizer state is not checkpointed on this path (a resumed run restarts the schedule)."""
+    """ZeRO-3 shards parameters: gather them on every rank, rank 0 writes the inference layout. Every
+    rank also writes its part of DeepSpeed's own checkpoint (optimizer partitions, scheduler, loss
+    scaler; DeepSpeed names each rank's files apart) and its random state: Ray Train gathers every
+    rank's files in one checkpoint folder, which :func:`_deepspeed_restore` reads on resume."""
     import deepspeed
     import ray.train
 
@@ -341,8 +428,12 @@ def _deepspeed_gather_and_save(task, engine, tokenizer, step, metrics, rank, his
         if rank == 0:
             folder = _save_checkpoint(task, module, tokenizer, None, None, step, metrics, history)
     if rank != 0:
-        ray.train.report(metrics)
-        return
+        folder = _rank_files(rank)
+    try:
+        engine.save_checkpoint(os.path.join(folder, DEEPSPEED_DIR), tag="latest")  # collective: every rank
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     try:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -70,19 +71,37 @@ def mix_models(folders: Sequence[str], weights: Sequence[float], output_path: st
     if abs(sum(weights) - 1.0) > 1e-3:
         raise MergeError(f"weights must sum to 1, got {list(weights)} (sum {sum(weights):.4f})")
     merged = merge_state_dicts([load_weights(f) for f in folders], weights, folders)
-    tmp = output_path.rstrip("/") + ".tmp-merge"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folders[0], tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json",
-                                                                    "checkpoints", "training_summary.json", *HEADS))
-    save_file({k: v.contiguous() for k, v in merged.items()}, os.path.join(tmp, "model.safetensors"),
-              metadata={"format": "pt"})
-    present = [h for h in HEADS if all(os.path.isfile(os.path.join(f, h)) for f in folders)]
-    for head in present:
-        states = [torch.load(os.path.join(f, head), map_location="cpu", weights_only=True) for f in folders]
-        torch.save(merge_state_dicts(states, weights, folders), os.path.join(tmp, head))
-    if os.path.exists(output_path):
-        shutil.rmtree(output_path)
-    os.replace(tmp, output_path)
+    output_path = os.path.abspath(output_path.rstrip("/"))
+    parent, name = os.path.split(output_path)
+    os.makedirs(parent, exist_ok=True)
+    # A temp folder of its own beside the output (two merges never share one), renamed into place;
+    # an existing output is moved aside first and removed only once the new one is there.
+    tmp = tempfile.mkdtemp(prefix=f".{name}.merge-", dir=parent)
+    try:
+        shutil.copytree(folders[0], tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json", "checkpoints",
+                                                      "training_summary.json", "bge_ray_run.json", ".*", *HEADS))
+        save_file({k: v.contiguous() for k, v in merged.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        present = [h for h in HEADS if all(os.path.isfile(os.path.join(f, h)) for f in folders)]
+        for head in present:
+            states = [torch.load(os.path.join(f, head), map_location="cpu", weights_only=True) for f in folders]
+            torch.save(merge_state_dicts(states, weights, folders), os.path.join(tmp, head))
+        old = None
+        if os.path.exists(output_path):
+            old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+            os.replace(output_path, os.path.join(old, name))
+        try:
+            os.replace(tmp, output_path)
+        except BaseException:
+            if old is not None:
+                os.replace(os.path.join(old, name), output_path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     logger.info("merged %s with weights %s -> %s", list(folders), [round(w, 4) for w in weights], output_path)
     return output_path
 

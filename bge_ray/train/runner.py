@@ -2,23 +2,24 @@
 run :func:`bge_ray.train.loop.train_loop_per_worker`, and export the final model to ``output_dir``.
 
 Layout of ``output_dir`` (HF Trainer's habit): the final model's files at the top, loadable by the
-inference classes; Ray Train's run (checkpoints, state) under ``checkpoints/``. Rerunning the same
-command resumes from the last checkpoint; ``--overwrite_output_dir`` starts afresh.
+inference classes; Ray Train's run (checkpoints, state) under ``checkpoints/``; ``bge_ray_run.json``
+names the run (:mod:`bge_ray.train.run_dir`). Rerunning the same command resumes from the last
+checkpoint; another run into the folder is refused with what differs; ``--overwrite_output_dir``
+starts afresh, removing only what the earlier run wrote.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 
 from .arguments import DataArgs, ModelArgs, RayArgs, TrainArgs
 from .data import load_sources, plan_training, rank_datasets
 from .loop import MODEL_DIR, LoopConfig, read_state, train_loop_per_worker
+from .run_dir import RunDir, run_identity
 
 logger = logging.getLogger(__name__)
 
@@ -73,29 +74,13 @@ def worker_resources(ray_args: RayArgs) -> tuple[dict, int]:
     return {"CPU": per}, threads
 
 
-def _export(checkpoint, output_dir: str) -> list:
-    """Copy the checkpoint's model files to ``output_dir``, each under a temp name then renamed;
-    returns the run's per-step log history."""
+def _export(checkpoint, run_dir: RunDir) -> list:
+    """The checkpoint's model files to the top of the output folder (:meth:`RunDir.export`); returns
+    the run's per-step log history."""
     with checkpoint.as_directory() as d:
         history = read_state(d).get("log_history", [])
-        src = os.path.join(d, MODEL_DIR)
-        for root, _, files in os.walk(src):
-            rel = os.path.relpath(root, src)
-            dst_dir = os.path.normpath(os.path.join(output_dir, rel))
-            os.makedirs(dst_dir, exist_ok=True)
-            for name in files:
-                tmp = os.path.join(dst_dir, f".{name}.tmp")
-                shutil.copyfile(os.path.join(root, name), tmp)
-                os.replace(tmp, os.path.join(dst_dir, name))
+        run_dir.export(os.path.join(d, MODEL_DIR))
     return history
-
-
-def _prepare_output(output_dir: str, overwrite: bool) -> None:
-    if overwrite and os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            path = os.path.join(output_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(output_dir, exist_ok=True)
 
 
 def run_training(task, model_args: ModelArgs, data_args: DataArgs, train_args: TrainArgs, ray_args: RayArgs,
@@ -114,7 +99,8 @@ def run_training(task, model_args: ModelArgs, data_args: DataArgs, train_args: T
     if hasattr(task, "validate"):
         task.validate()
     output_dir = os.path.abspath(train_args.output_dir)
-    _prepare_output(output_dir, train_args.overwrite_output_dir)
+    run_dir = RunDir.open(output_dir, run_identity(task, model_args, data_args, train_args, ray_args),
+                          train_args.overwrite_output_dir)
     init_ray(ray_args.address)
     if read_data is not None:
         table, sources = read_data()
@@ -136,6 +122,8 @@ def run_training(task, model_args: ModelArgs, data_args: DataArgs, train_args: T
                 "optimizer steps", len(table), len(sources), len(plan.batches), global_batch,
                 global_batch // world, world, plan.optimizer_steps)
     storage = os.path.abspath(ray_args.storage_path or os.path.join(output_dir, CHECKPOINTS))
+    if os.path.dirname(storage) == output_dir:
+        run_dir.note(os.path.basename(storage))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task, "loop": loop, "torch_threads": threads},
@@ -155,16 +143,13 @@ def run_training(task, model_args: ModelArgs, data_args: DataArgs, train_args: T
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint (error: {result.error})")
-    history = _export(result.checkpoint, output_dir)
+    history = _export(result.checkpoint, run_dir)
     metrics = dict(result.metrics or {})
     seconds = time.perf_counter() - t0
     summary = {"optimizer_steps": plan.optimizer_steps, "global_batch_size": global_batch, "num_workers": world,
                "examples": len(table), "seconds": seconds, "final_metrics": metrics, "log_history": history,
                "args": {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
                         "train": dataclasses.asdict(train_args), "ray": dataclasses.asdict(ray_args)}}
-    tmp = os.path.join(output_dir, f".{SUMMARY}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(output_dir, SUMMARY))
+    run_dir.write_json(SUMMARY, summary)
     logger.info("trained %d steps in %.1f s; model in %s", plan.optimizer_steps, seconds, output_dir)
     return TrainResult(output_dir, plan.optimizer_steps, metrics, seconds, len(table))
