@@ -34,6 +34,11 @@ def _train(model, train, out, **kw):
     return run_training(EmbedderTask(m, d, t, "cls"), m, d, t, r, worker_env=env)
 
 
+# Ray Train registers a reported checkpoint at its next poll of the workers (every 2 s): the fault waits
+# past it, or the restart would find no checkpoint and train from step 0 (matching just as well).
+FAULT_DELAY = {"BGE_RAY_TRAIN_FAULT_DELAY": "5"}
+
+
 def _losses(out: Path) -> list[float]:
     return [h["loss"] for h in json.loads((out / "training_summary.json").read_text())["log_history"]]
 
@@ -55,10 +60,11 @@ def test_worker_crash_resumes_from_checkpoint_and_matches_an_uninterrupted_run(t
     train, clean_dir, clean = clean_run
     marker = tmp_path / "crashed-once"
     crashed = _train(tiny_bert, train, tmp_path / "crash", max_failures=1,
-                     worker_env={"BGE_RAY_TRAIN_FAULT": f"3:{marker}"})
+                     worker_env={"BGE_RAY_TRAIN_FAULT": f"3:{marker}", **FAULT_DELAY})
     assert marker.exists(), "the fault was not injected"
     history = json.loads((tmp_path / "crash" / "training_summary.json").read_text())["log_history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4]  # step 3 redone once, from the step-2 checkpoint
+    assert [h.get("resumed_from_step") for h in history] == [None, None, 2, None]
     assert crashed.optimizer_steps == clean.optimizer_steps == 4
     assert _losses(tmp_path / "crash") == pytest.approx(_losses(clean_dir), abs=1e-6)
     diff = _same(_weights(clean_dir), _weights(tmp_path / "crash"))
@@ -73,11 +79,12 @@ def test_rerunning_after_a_failed_run_resumes_it(tiny_bert, clean_run, tmp_path)
     train, clean_dir, clean = clean_run
     marker = tmp_path / "crashed-once"
     with pytest.raises(ray.train.TrainingFailedError):
-        _train(tiny_bert, train, tmp_path / "run", worker_env={"BGE_RAY_TRAIN_FAULT": f"3:{marker}"})
+        _train(tiny_bert, train, tmp_path / "run", worker_env={"BGE_RAY_TRAIN_FAULT": f"3:{marker}", **FAULT_DELAY})
     assert not (tmp_path / "run" / "training_summary.json").exists()  # nothing exported as if finished
     resumed = _train(tiny_bert, train, tmp_path / "run")
     history = json.loads((tmp_path / "run" / "training_summary.json").read_text())["log_history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert [h.get("resumed_from_step") for h in history] == [None, None, 2, None]
     assert resumed.optimizer_steps == clean.optimizer_steps
     assert _losses(tmp_path / "run") == pytest.approx(_losses(clean_dir), abs=1e-6)
     assert _same(_weights(clean_dir), _weights(tmp_path / "run")) < 1e-6

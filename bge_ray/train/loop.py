@@ -245,6 +245,7 @@ def train_loop_per_worker(config: dict) -> None:
         restored = _restore(task, model, checkpoint, rank)
         logger.info("rank %d: resuming after optimizer step %d", rank, restored.step)
     start_step, history = restored.step, restored.history
+    resumed_from = start_step if checkpoint is not None else None
     device = ray.train.torch.get_device()
     model.train()
 
@@ -317,6 +318,8 @@ def train_loop_per_worker(config: dict) -> None:
         elapsed = time.perf_counter() - t0
         metrics = {"step": step, "loss": loss_sum / loss_n, "learning_rate": scheduler.get_last_lr()[0],
                    "groups_per_s": groups_done / max(elapsed, 1e-9), "epoch": int(rows[0]["epoch"])}
+        if resumed_from is not None:  # the first step after a resume says from where
+            metrics["resumed_from_step"], resumed_from = resumed_from, None
         loss_sum, loss_n = 0.0, 0
         history.append(metrics)
         final = step >= cfg.optimizer_steps
@@ -334,13 +337,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _maybe_inject_fault(step: int, rank: int) -> None:
     """Test hook: ``BGE_RAY_TRAIN_FAULT=<step>:<marker file>`` kills rank 0's worker process once,
-    right after optimizer step ``<step>`` (the marker makes the retry run through)."""
+    right after optimizer step ``<step>`` (the marker makes the retry run through), after
+    ``BGE_RAY_TRAIN_FAULT_DELAY`` seconds: Ray Train registers a reported checkpoint when it next polls
+    the workers (every 2 s), so a worker dying sooner than that loses its last checkpoint."""
     spec = os.environ.get("BGE_RAY_TRAIN_FAULT", "")
     if not spec or rank != 0:
         return
     at, _, marker = spec.partition(":")
     if int(at) != step or os.path.exists(marker):
         return
+    time.sleep(float(os.environ.get("BGE_RAY_TRAIN_FAULT_DELAY", "0")))
     open(marker, "w").close()
     os._exit(1)
 
