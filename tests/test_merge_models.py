@@ -125,3 +125,26 @@ def test_decoder_rerankers_merge_and_load(kind, unigram_tokenizer, tmp_path):
     _, weights, losses = merge.mix_models_with_data([str(a), str(b)], "reranker", examples, str(tmp_path / "auto"),
                                                     temperature=1.0, max_length=64, neg_number=2)
     assert sum(weights) == pytest.approx(1.0) and all(np.isfinite(losses))
+
+
+def test_a_failed_merge_leaves_the_existing_output_whole(two_berts, tmp_path, monkeypatch):
+    """The old output stays until the new one is in place; a failure at the final rename restores it,
+    and no temp folder is left (each merge has its own)."""
+    a, b = two_berts
+    out = tmp_path / "merged"
+    merge.mix_models([str(a), str(b)], [1.0, 0.0], str(out))
+    before = merge.load_weights(str(out))
+    real = merge.os.replace
+
+    def fail_into_place(src, dst):
+        if str(dst) == str(out) and ".merge-" in str(src):
+            raise OSError("disk went away")
+        real(src, dst)
+
+    monkeypatch.setattr(merge.os, "replace", fail_into_place)
+    with pytest.raises(OSError, match="disk went away"):
+        merge.mix_models([str(a), str(b)], [0.0, 1.0], str(out))
+    monkeypatch.undo()
+    after = merge.load_weights(str(out))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

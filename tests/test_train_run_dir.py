@@ -105,3 +105,21 @@ def test_an_export_cut_short_while_staging_is_undone(tmp_path, monkeypatch):
     RunDir.open(str(out), IDENTITY, overwrite=False)
     assert sorted(p.name for p in out.iterdir()) == [RUN_FILE, "model.safetensors"]
     assert (out / "model.safetensors").read_text() == "old"
+
+
+def test_a_failed_checkpoint_save_leaves_no_temp_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from bge_ray.train import loop
+
+    class BrokenTask:
+        def save(self, model, tokenizer, folder):
+            os.makedirs(folder)
+            (tmp_path / "started").touch()
+            raise OSError("no space left on device")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(OSError, match="no space"):
+        loop._save_checkpoint(BrokenTask(), object(), None, None, None, 1, {})
+    assert (tmp_path / "started").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("bge_ray_ckpt_")]

@@ -96,6 +96,7 @@ def mix_models(folders: Sequence[str], weights: Sequence[float], output_path: st
         except BaseException:
             if old is not None:
                 os.replace(os.path.join(old, name), output_path)
+                shutil.rmtree(old, ignore_errors=True)
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
