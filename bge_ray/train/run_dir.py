@@ -21,9 +21,11 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "bge_ray_run.json"
-#: Arguments that may change between a run and its resume: where and how often it reports and saves.
+#: Arguments that may change between a run and its resume: where and how often it reports and saves,
+#: and ``max_steps`` (a finished run rerun with more steps continues: the batch plan's first steps
+#: stay the same, tests/test_train_llm_reranker.py).
 RESUMABLE = frozenset({"output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit",
-                       "address", "storage_path", "max_failures", "cpus_per_worker"})
+                       "address", "storage_path", "max_failures", "cpus_per_worker", "max_steps"})
 
 
 class RunMismatch(ValueError):
