@@ -73,14 +73,14 @@ def test_integer_and_string_ids_fail_at_read_naming_both_places(ray_local, tmp_p
     rows_per_shard = 2
     lines = [json.dumps({"_id": 1, "text": "one"}), GOOD[0].replace('"d0"', "2"), json.dumps({"_id": "1", "text": "x"})]
     f = _write(tmp_path / "c.jsonl", lines)
+    res = run_embed_job(CorpusSpec(str(f)), str(tmp_path / "s"), SPEC, index_kind="none",
+                        rows_per_shard=rows_per_shard, on_bad_record="skip")
+    assert res.manifest["rows"] == 2 and res.manifest["bad_records"] == 1
     with pytest.raises(Exception, match=r"c\.jsonl:3: id '1' in field '_id' is a string but this job's ids are "
                                         r"integers \(as at .*c\.jsonl:1\)") as err:
         run_embed_job(CorpusSpec(str(f)), str(tmp_path / "o"), SPEC, index_kind="none", rows_per_shard=rows_per_shard)
     assert "duplicate" not in str(err.value)  # found while reading, not by the id check at the end
     assert not (tmp_path / "o" / "manifest.json").exists()
-    res = run_embed_job(CorpusSpec(str(f)), str(tmp_path / "s"), SPEC, index_kind="none",
-                        rows_per_shard=rows_per_shard, on_bad_record="skip")
-    assert res.manifest["rows"] == 2 and res.manifest["bad_records"] == 1
 
 
 def test_csv_ids_stay_text(ray_local, tmp_path):
