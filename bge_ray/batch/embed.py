@@ -343,7 +343,7 @@ def run_embed_job(
         results = [r for r in results if r["item"] >= 0]
         embed_seconds = time.perf_counter() - t_embed
         t_verify = time.perf_counter()
-        manifest = _verify_and_describe(plan, store, results, actor_plan.read_cpus)
+        manifest = _verify_and_describe(plan, store, actor_plan.read_cpus)
         manifest["verify_seconds"] = round(time.perf_counter() - t_verify, 3)
         metas = [json.loads(r["meta"]) for r in results]
         manifest.update(
@@ -426,7 +426,7 @@ def _actor_start(results: list[dict], t0: float) -> dict | None:
             "nodes": [seen[s][2] for s in sorted(seen)]}
 
 
-def _verify_and_describe(plan: dict, store: Store, results: list[dict], task_cpus: float) -> dict:
+def _verify_and_describe(plan: dict, store: Store, task_cpus: float) -> dict:
     """Every planned shard committed, row counts add up, ids unique (checked by cluster tasks,
     :mod:`bge_ray.batch.verify`); else raise (no manifest). The manifest from per-shard statistics."""
     from .verify import verify_shards
