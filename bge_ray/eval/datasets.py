@@ -10,7 +10,8 @@ Two on-disk layouts are read:
   (``id``, ``title``, ``text``), ``{split}_queries.jsonl`` (``id``, ``text``),
   ``{split}_qrels.jsonl`` (``qid``, ``docid``, ``relevance``; MKQA: ``qid``, ``answers``).
 
-Named benchmarks (``beir``, ``msmarco``, ``miracl``, ``mkqa``, ``mldr``, ``air_bench``) read the same
+Named benchmarks (``beir``, ``msmarco``, ``miracl``, ``mkqa``, ``mldr``, ``air_bench``, ``bright_short``,
+``bright_long``) read the same
 folders under ``dataset_dir/<name>`` and, when the files are missing, download them from the
 Hugging Face hub (or the benchmark's own URLs) and save them there in FlagEmbedding's layout.
 """
@@ -32,7 +33,9 @@ from dataclasses import dataclass, field
 from bge_ray.io.atomic import atomic_path
 from bge_ray.io.jsonl import json_lines
 
+from . import air_bench_tasks
 from .beir import read_qrels
+from .instructions import BRIGHT_LONG_INSTRUCTIONS, BRIGHT_SHORT_INSTRUCTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +161,8 @@ class SplitData:
     answers: dict[str, list[str]] | None = None  # MKQA: per query, answer strings (qa_recall)
     issues: dict[str, int] = field(default_factory=dict)  # counted problems (warned, not fatal)
     issue_examples: dict[str, list[str]] = field(default_factory=dict)
+    # BRIGHT: per query, documents removed from its ranking before scoring (its excluded_ids)
+    excluded: dict[str, set[str]] | None = None
 
 
 def load_split(folder: str, split: str, corpus_ids: Iterable[str], dataset: str, corpus_file: str) -> SplitData:
@@ -635,15 +640,21 @@ class MldrBenchmark(Benchmark):
 
 class AirBenchBenchmark(Benchmark):
     """AIR-Bench: names ``{task_type}_{domain}_{language}_{dataset}`` (e.g. ``qa_wiki_en_default``,
-    ``long-doc_arxiv_en_gpt3``) from ``AIR-Bench/{task_type}_{domain}_{language}``; test qrels are gated
-    (set HF_TOKEN)."""
+    ``long-doc_arxiv_en_gpt3``) from ``AIR-Bench/{task_type}_{domain}_{language}``, each with the splits
+    AIR-Bench's task table gives it (:mod:`bge_ray.eval.air_bench_tasks`); test qrels are gated (set
+    HF_TOKEN). :meth:`select` picks datasets by task type, domain and language."""
 
     eval_name = "air_bench"
     TASK_TYPES = ("qa", "long-doc")
 
-    def __init__(self, *args, benchmark_version: str = "AIR-Bench_24.05", **kwargs):
+    def __init__(self, *args, benchmark_version: str = air_bench_tasks.LATEST_VERSION, **kwargs):
         super().__init__(*args, **kwargs)
+        try:
+            air_bench_tasks.version_table(benchmark_version)
+        except air_bench_tasks.AirBenchError as exc:
+            raise DatasetError(str(exc)) from None
         self.version = benchmark_version
+        self.names = tuple(n for n, _ in air_bench_tasks.select(benchmark_version))
 
     @classmethod
     def parse(cls, name: str) -> tuple[str, str, str, str] | None:
@@ -652,17 +663,31 @@ class AirBenchBenchmark(Benchmark):
             return None
         return parts[0], parts[1], parts[2], parts[3]
 
+    def select(self, task_types=None, domains=None, languages=None, splits=None) -> list[str]:
+        """Dataset names of the chosen task types / domains / languages having one of ``splits``
+        (None: all), as AIR-Bench's own runner picks them."""
+        try:
+            return [n for n, _ in air_bench_tasks.select(self.version, task_types, domains, languages, splits)]
+        except air_bench_tasks.AirBenchError as exc:
+            raise DatasetError(str(exc)) from None
+
     def valid_remote_name(self, name: str) -> bool:
-        return self.parse(name) is not None
+        return bool(air_bench_tasks.dataset_splits(self.version, name))
 
     def check_name(self, name: str) -> None:
         try:
             super().check_name(name)
-        except DatasetError as exc:
-            raise DatasetError(f"{exc}; AIR-Bench names look like qa_wiki_en_default or long-doc_arxiv_en_gpt3") from None
+        except DatasetError:
+            raise DatasetError(f"dataset {name!r} is neither a local folder in {self.dataset_dir} nor an {self.version} "
+                               f"dataset; AIR-Bench names look like qa_wiki_en_default or long-doc_arxiv_en_gpt3 "
+                               f"(select them with task_types / domains / languages)") from None
+
+    def default_names(self):
+        local = local_dataset_names(self.dataset_dir) if self.dataset_dir else []
+        return list(local) if local else list(self.names)
 
     def splits(self, name):
-        return ["dev", "test"] if name is not None and self.valid_remote_name(name) else None
+        return air_bench_tasks.dataset_splits(self.version, name) or None if name is not None else None
 
     def _repo(self, name):
         task_type, domain, language, dataset = self.parse(name)
@@ -678,12 +703,86 @@ class AirBenchBenchmark(Benchmark):
         old = self.version == "AIR-Bench_24.04"
         queries = {str(r["id"]): r["text"] for r in
                    self._hf(f"AIR-Bench/{repo}", self.version, f"queries_{ds}" if old else f"queries_{ds}_{split}")}
-        qrels_repo = f"AIR-Bench/qrels-{repo}" if split == "test" else f"AIR-Bench/{repo}"
+        # dev qrels are public in their own repo; test qrels are gated
+        qrels_repo = f"AIR-Bench/qrels-{repo}" + ("-dev" if split == "dev" else "")
         qrels: dict[str, dict[str, int]] = {}
         for r in self._hf(qrels_repo, self.version, f"qrels_{ds}" if old else f"qrels_{ds}_{split}"):
             qrels.setdefault(str(r["qid"]), {})[str(r["docid"])] = int(r["relevance"])
         _save_qrels(save_dir, split, qrels)
         _save_queries(save_dir, split, queries)
+
+
+class BrightShortBenchmark(Benchmark):
+    """BRIGHT (``xlangai/bright``), short documents. Splits are the query sets (``examples`` and the
+    LLM-reasoning rewrites); query ids are ``{split}-{id}``. Each query's ``excluded_ids`` are kept in its
+    qrels with relevance 0 and removed from its ranking before scoring, as in FlagEmbedding."""
+
+    eval_name = "bright_short"
+    names = ("biology", "earth_science", "economics", "psychology", "robotics", "stackoverflow", "sustainable_living",
+             "leetcode", "pony", "aops", "theoremqa_questions", "theoremqa_theorems")
+    SPLITS = ("examples", "Gemini-1.0_reason", "claude-3-opus_reason", "gpt4_reason", "grit_reason", "llama3-70b_reason")
+    documents_config, gold_field = "documents", "gold_ids"
+    instructions = BRIGHT_SHORT_INSTRUCTIONS
+
+    def splits(self, name):
+        return list(self.SPLITS) if name in self.names else None
+
+    def default_names(self):
+        local = local_dataset_names(self.dataset_dir) if self.dataset_dir else []
+        return list(local) if local else list(self.names)
+
+    def load(self, name, split, corpus_ids):
+        data = super().load(name, split, corpus_ids)
+        data.excluded = {q: {d for d, r in docs.items() if r <= 0} for q, docs in data.qrels.items()}
+        return data
+
+    def download_corpus(self, name, save_dir):
+        rows = self._hf("xlangai/bright", self.documents_config, name)
+        _write_jsonl(os.path.join(save_dir, "corpus.jsonl"), ({"id": str(r["id"]), "text": r["content"]} for r in rows))
+
+    def download_split(self, name, split, save_dir):
+        queries: dict[str, str] = {}
+        qrels: dict[str, dict[str, int]] = {}
+        for r in self._hf("xlangai/bright", split, name):
+            qid = f"{split}-{r['id']}"
+            queries[qid] = r["query"]
+            judged = qrels.setdefault(qid, {})
+            for d in r[self.gold_field]:
+                judged[str(d)] = 1
+            for d in set(r["excluded_ids"]) - {"N/A"}:
+                if str(d) in judged:
+                    raise DatasetError(f"BRIGHT {name} {split}: query {qid} lists {d!r} as both gold and excluded")
+                judged[str(d)] = 0
+        _save_qrels(save_dir, split, qrels)
+        _save_queries(save_dir, split, queries)
+
+
+class BrightLongBenchmark(BrightShortBenchmark):
+    """BRIGHT, long documents (``long_documents``, gold ids ``gold_ids_long``)."""
+
+    eval_name = "bright_long"
+    names = ("biology", "earth_science", "economics", "psychology", "robotics", "stackoverflow", "sustainable_living",
+             "pony")
+    documents_config, gold_field = "long_documents", "gold_ids_long"
+    instructions = BRIGHT_LONG_INSTRUCTIONS
+
+
+def drop_excluded(data: SplitData, results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``results`` without each query's excluded documents (BRIGHT); others unchanged."""
+    if not data.excluded:
+        return results
+    return {q: {d: s for d, s in docs.items() if d not in data.excluded.get(q, ())} for q, docs in results.items()}
+
+
+def special_instruction(eval_name: str, dataset: str | None) -> str | None:
+    """The per-dataset query instruction FlagEmbedding uses with ``use_special_instructions`` (None: none)."""
+    if not dataset:
+        return None
+    if eval_name == "beir":
+        return BEIR_INSTRUCTIONS.get(dataset.split("/", 1)[0])
+    cls = BENCHMARKS.get(eval_name)
+    table = getattr(cls, "instructions", None)
+    return table.get(dataset) if table else None
 
 
 BENCHMARKS: dict[str, type[Benchmark]] = {
@@ -694,6 +793,8 @@ BENCHMARKS: dict[str, type[Benchmark]] = {
     "mkqa": MkqaBenchmark,
     "mldr": MldrBenchmark,
     "air_bench": AirBenchBenchmark,
+    "bright_short": BrightShortBenchmark,
+    "bright_long": BrightLongBenchmark,
 }
 
 

@@ -253,10 +253,9 @@ def query_spec(spec: EmbedderSpec, args: EvalArgs, instruction: str | None) -> E
 
 
 def _instruction(spec: EmbedderSpec, args: EvalArgs, dataset: str | None) -> str | None:
-    if args.use_special_instructions and args.eval_name == "beir" and dataset:
-        base = dataset.split("/", 1)[0]
-        if base in ds.BEIR_INSTRUCTIONS:
-            return ds.BEIR_INSTRUCTIONS[base]
+    special = ds.special_instruction(args.eval_name, dataset) if args.use_special_instructions else None
+    if special:  # BEIR / BRIGHT per-dataset instructions
+        return special
     if args.query_instruction_for_retrieval == AUTO_INSTRUCTION:
         from bge_ray.models import registry
 
@@ -495,7 +494,7 @@ def _run_dataset(args, bench, name, splits, embedder, reranker, ks, num_actors, 
                                    num_actors, use_gpu, clock, report)
         t = time.perf_counter()
         for s in todo:
-            results[s] = {q: run[q] for q in data[s].queries}
+            results[s] = ds.drop_excluded(data[s], {q: run[q] for q in data[s].queries})  # BRIGHT excluded_ids
             extra = {}
             if mode_scores:  # hybrid: each mode's score of the same documents
                 extra["mode_scores"] = {m: {q: r[q] for q in data[s].queries} for m, r in mode_scores.items()}
