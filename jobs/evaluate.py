@@ -13,7 +13,8 @@ evaluation arguments.
 
 Without --embedder_name_or_path the bundled all-MiniLM-L6-v2 is evaluated. --eval_name picks the
 dataset family: custom (local folders, BEIR or FlagEmbedding layout), beir, msmarco, miracl, mkqa,
-mldr, air_bench (these download what is missing into --dataset_dir where a hub is reachable).
+mldr, air_bench, bright (these download what is missing into --dataset_dir where a hub is reachable),
+or mteb (MTEB / C-MTEB tasks by --tasks / --languages / --task_types, through the mteb package).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bge_ray.batch.cli import MAX_TOKENS_HELP, actors_for_devices, hf_bool  # noqa: E402
-from bge_ray.eval.datasets import BENCHMARKS  # noqa: E402
+from bge_ray.eval.datasets import BENCHMARKS, DatasetError, get_benchmark  # noqa: E402
 from bge_ray.eval.runner import SEARCH_METHODS, EvalArgs, run_evaluation  # noqa: E402
 from bge_ray.models.registry import EMBEDDER_CLASSES, RERANKER_CLASSES  # noqa: E402
 from bge_ray.models.spec import (
@@ -39,10 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     flag = {"type": hf_bool, "nargs": "?", "const": True}
     e = p.add_argument_group("evaluation (FlagEmbedding AbsEvalArgs)")
-    e.add_argument("--eval_name", default="custom", choices=sorted(BENCHMARKS))
+    e.add_argument("--eval_name", default="custom", choices=sorted([*BENCHMARKS, *EXTRA_EVAL_NAMES]))
     e.add_argument("--dataset_dir", default=None, help="local datasets (or where downloads are saved)")
     e.add_argument("--dataset_names", nargs="+", default=None, help="default: every dataset there")
-    e.add_argument("--splits", nargs="+", default=["test"])
+    e.add_argument("--splits", nargs="+", default=None, help="default: test (bright: examples; air_bench: dev test)")
     e.add_argument("--corpus_embd_save_dir", default=None, help="corpus embedding cache (reused across runs)")
     e.add_argument("--output_dir", default="./search_results")
     e.add_argument("--search_top_k", type=int, default=1000)
@@ -56,8 +57,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--eval_output_method", default="markdown", choices=["json", "markdown"])
     e.add_argument("--eval_output_path", default="./eval_results.md")
     e.add_argument("--eval_metrics", nargs="+", default=["ndcg_at_10", "recall_at_10"])
-    e.add_argument("--use_special_instructions", default=False, **flag, help="BEIR: per-dataset instructions")
+    e.add_argument("--use_special_instructions", default=None, **flag,
+                   help="per-dataset / per-task instructions (beir, bright, mteb); default: on for bright only")
     e.add_argument("--benchmark_version", default="AIR-Bench_24.05", help="air_bench only")
+    b = p.add_argument_group("task selection (FlagEmbedding's MTEB, BRIGHT and AIR-Bench arguments)")
+    b.add_argument("--languages", nargs="+", default=None, help="mteb: e.g. eng, zho (C-MTEB); air_bench: en zh ...")
+    b.add_argument("--tasks", nargs="+", default=None, help="mteb task names, e.g. NFCorpus SciDocsRR T2Retrieval")
+    b.add_argument("--task_types", nargs="+", default=None, help="mteb: Retrieval STS ...; air_bench: qa long-doc")
+    b.add_argument("--domains", nargs="+", default=None, help="air_bench: wiki web arxiv ...")
+    b.add_argument("--task_type", default="short", choices=["short", "long"], help="bright: short or long documents")
+    b.add_argument("--examples_path", default=None, help="mteb: folder of {task}.json / {task}.csv few-shot examples")
     m = p.add_argument_group("models (FlagEmbedding AbsEvalModelArgs)")
     m.add_argument("--embedder_name_or_path", default=None, help="default: the bundled all-MiniLM-L6-v2")
     m.add_argument("--embedder_model_class", default=None, choices=sorted(EMBEDDER_CLASSES))
@@ -106,6 +115,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+EXTRA_EVAL_NAMES = ("mteb", "bright")  # bright: bright_short / bright_long by --task_type
+
+
+def _resolve_selection(a) -> None:
+    """Per-eval_name defaults and selections: bright's variant, splits, instructions, AIR-Bench datasets."""
+    if a.eval_name == "bright":
+        a.eval_name = f"bright_{a.task_type}"
+    if a.use_special_instructions is None:
+        a.use_special_instructions = a.eval_name.startswith("bright_")
+    if a.splits is None:
+        a.splits = {"air_bench": ["dev", "test"]}.get(a.eval_name, ["examples"] if a.eval_name.startswith("bright_")
+                                                          else ["test"])
+    if a.eval_name == "air_bench" and (a.task_types or a.domains or a.languages):
+        bench = get_benchmark("air_bench", a.dataset_dir, benchmark_version=a.benchmark_version)
+        chosen = bench.select(a.task_types, a.domains, a.languages, a.splits)
+        a.dataset_names = [n for n in chosen if not a.dataset_names or n in a.dataset_names]
+        if not a.dataset_names:
+            raise DatasetError(f"no {a.benchmark_version} dataset matches task_types={a.task_types} domains={a.domains} "
+                               f"languages={a.languages} splits={a.splits}")
+
+
+def _run_mteb(a, embedder, num_actors, use_gpu) -> int:
+    from bge_ray.eval.mteb_runner import MtebArgs, run_mteb
+
+    args = MtebArgs(
+        languages=a.languages, tasks=a.tasks, task_types=a.task_types,
+        use_special_instructions=bool(a.use_special_instructions),
+        examples_path=a.examples_path, output_dir=a.output_dir, eval_output_method=a.eval_output_method,
+        eval_output_path=a.eval_output_path, overwrite=a.overwrite,
+        query_instruction_for_retrieval=a.query_instruction_for_retrieval,
+        query_instruction_format_for_retrieval=_unescape(a.query_instruction_format_for_retrieval),
+        embedder_query_max_length=a.embedder_query_max_length,
+    )
+    try:
+        report = run_mteb(args, embedder, num_actors=num_actors, use_gpu=use_gpu, address=a.address)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.text())
+    print(f"mteb results: {report.results_dir}; summary: {report.summary_path}")
+    return 0
+
+
 def _unescape(text: str | None) -> str | None:
     return text.replace("\\n", "\n") if text else text
 
@@ -143,6 +195,13 @@ def main(argv=None) -> int:
             passage_instruction_format=_unescape(a.passage_instruction_format_for_rerank),
             trust_remote_code=a.trust_remote_code, extra=rextra,
         )
+    if a.eval_name == "mteb":
+        return _run_mteb(a, embedder, num_actors, use_gpu)
+    try:
+        _resolve_selection(a)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args = EvalArgs(
         eval_name=a.eval_name, dataset_dir=a.dataset_dir, dataset_names=a.dataset_names, splits=a.splits,
         corpus_embd_save_dir=a.corpus_embd_save_dir, output_dir=a.output_dir, search_top_k=a.search_top_k,

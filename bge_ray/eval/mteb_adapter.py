@@ -7,8 +7,11 @@
 
 Queries go through the model's ``encode_queries`` (its query instruction), everything else through
 ``encode_corpus``. ``use_task_instructions`` puts mteb's per-task instruction in place of the model's
-query instruction (as FlagEmbedding's mteb evaluation does for instruction-tuned models). With
-``ray=True`` each ``encode`` call runs on a Ray actor pool instead of in this process.
+query instruction (as FlagEmbedding's mteb evaluation does for instruction-tuned models);
+``instruction`` is a fixed one (FlagEmbedding's per-task table, see :mod:`bge_ray.eval.mteb_runner`).
+``untyped_as_queries`` sends texts mteb gives no prompt type (STS, classification, clustering) through
+the query side, instruction included, as FlagEmbedding's MTEB retriever does. With ``ray=True`` each
+``encode`` call runs on a Ray actor pool (:func:`bge_ray.batch.stage.embed_rows`) instead of in this process.
 
 Needs ``pip install mteb``; bge_ray imports this module only on request. Real mteb tasks download
 their data from the Hugging Face hub when run.
@@ -36,12 +39,14 @@ class MtebEncoder(AbsEncoder):
 
     def __init__(self, spec: EmbedderSpec | None = None, model=None, name: str | None = None,
                  use_task_instructions: bool = False, ray: bool = False, num_actors: int | None = None,
-                 devices=None):
+                 devices=None, instruction: str | None = None, untyped_as_queries: bool = False,
+                 use_gpu: bool | None = None):
         from .runner import model_name
 
         self.spec = spec or EmbedderSpec()
         self.use_task_instructions = use_task_instructions
-        self.ray, self.num_actors = ray, num_actors
+        self.ray, self.num_actors, self.use_gpu = ray, num_actors, use_gpu
+        self.instruction, self.untyped_as_queries = instruction, untyped_as_queries
         self.model = model if model is not None or ray else self.spec.load(devices=devices)
         dim = getattr(self.model, "dim", None) if self.model is not None else None
         self.mteb_model_meta = ModelMeta.create_empty(overwrites={
@@ -55,16 +60,22 @@ class MtebEncoder(AbsEncoder):
     @classmethod
     def from_pretrained(cls, model: str | None = None, **kwargs: Any) -> MtebEncoder:
         """Build from a model name or folder; ``kwargs`` split between EmbedderSpec fields and ours."""
-        own = {k: kwargs.pop(k) for k in ("name", "use_task_instructions", "ray", "num_actors", "devices") if k in kwargs}
+        own = {k: kwargs.pop(k) for k in ("name", "use_task_instructions", "ray", "num_actors", "devices", "instruction",
+                                          "untyped_as_queries", "use_gpu") if k in kwargs}
         fields = set(EmbedderSpec.__dataclass_fields__)
         spec = EmbedderSpec(model=model, **{k: v for k, v in kwargs.items() if k in fields},
                             extra={k: v for k, v in kwargs.items() if k not in fields})
         return cls(spec, **own)
 
+    def _as_query(self, prompt_type) -> bool:
+        return prompt_type == PromptType.query or (prompt_type is None and self.untyped_as_queries)
+
     def _instruction(self, task_metadata, prompt_type) -> str | None:
-        if not self.use_task_instructions or prompt_type != PromptType.query:
+        if not self._as_query(prompt_type):
             return None
-        return self.get_instruction(task_metadata, prompt_type) or None
+        if self.use_task_instructions:
+            return self.get_instruction(task_metadata, prompt_type) or self.instruction
+        return self.instruction
 
     def _encode(self, texts: list[str], query: bool, instruction: str | None) -> np.ndarray:
         if self.ray:
@@ -76,7 +87,8 @@ class MtebEncoder(AbsEncoder):
             if query and instruction:
                 spec = replace(spec, extra={**spec.extra, "query_instruction_for_retrieval": instruction})
             ids = [str(i) for i in range(len(texts))]
-            return embed_rows(ids, texts, [QUERY if query else PASSAGE] * len(texts), spec, self.num_actors).dense
+            return embed_rows(ids, texts, [QUERY if query else PASSAGE] * len(texts), spec, self.num_actors,
+                              self.use_gpu).dense
         if query:
             kwargs = {}
             if instruction:
@@ -97,4 +109,4 @@ class MtebEncoder(AbsEncoder):
             texts.extend(str(t) for t in got)
         if not texts:
             return np.zeros((0, self.mteb_model_meta.embed_dim or 0), dtype=np.float32)
-        return self._encode(texts, prompt_type == PromptType.query, self._instruction(task_metadata, prompt_type))
+        return self._encode(texts, self._as_query(prompt_type), self._instruction(task_metadata, prompt_type))
