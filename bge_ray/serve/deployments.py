@@ -41,6 +41,11 @@ class EmbedJob:
     modes: tuple[str, ...] = (DENSE,)
     return_tokens: bool = False
     max_floats: int | None = None  # a ColBERT job over this is answered unrun, with its size in ``floats``
+    # Over-long inputs: "END" cuts their end (the models' own truncation), "START" their start, "NONE"
+    # answers the job unrun with ``too_long`` set.
+    truncate: str = "END"
+    max_tokens: int | None = None  # token cut below the model's own (special tokens included)
+    normalize: bool | None = None  # False: raw (unnormalized) dense vectors; None: the model's setting
 
 
 @dataclass
@@ -60,12 +65,24 @@ class EmbedResult:
     prompt_tokens: int = 0
     batch: BatchInfo = field(default_factory=lambda: BatchInfo(1, 0))
     floats: int = 0  # numbers in the response (ColBERT: the tokens' vectors)
+    too_long: TooLong | None = None  # set (and nothing run) when a job with truncate "NONE" has an input over the cut
+
+
+@dataclass
+class TooLong:
+    """The first input of a job over its token cut: its index, its tokens and the cut."""
+
+    index: int
+    tokens: int
+    limit: int
 
 
 @dataclass
 class RerankJob:
     query: str
     documents: list[str]
+    max_tokens_per_doc: int | None = None  # documents cut to this many tokens first (Cohere v2)
+    truncate: bool = True  # False: a pair over the model's max_length answers the job unrun, ``too_long`` set
 
 
 @dataclass
@@ -73,6 +90,7 @@ class RerankResult:
     scores: np.ndarray  # raw logits, one per document
     prompt_tokens: int
     batch: BatchInfo
+    too_long: TooLong | None = None
 
 
 def _device(num_gpus: float) -> str:
@@ -237,6 +255,9 @@ class EmbedderReplica(_Replica):
             "capabilities": modes,
             "dimensions": int(self.model.dim),
             "matryoshka": bool(self.settings.matryoshka),
+            "normalized": bool(self.model.normalize_embeddings),
+            "max_length": int(self.model.passage_max_length),
+            "query_max_length": int(self.model.query_max_length),
             "query_instruction": self.model.query_instruction_for_retrieval,
             "torch_threads": self.torch_threads,
         }
@@ -256,13 +277,22 @@ class EmbedderReplica(_Replica):
                 floats = self._colbert_floats(model, job)
                 if floats > job.max_floats:
                     results[i] = EmbedResult(batch=info, floats=floats)  # never run: the ingress answers 413
-        for query in (False, True):
-            group = [i for i, j in enumerate(jobs) if j.query == query and results[i] is None]
-            if not group:
-                continue
-            texts = [t for i in group for t in jobs[i].texts]
+        inputs: dict[int, list[str]] = {}
+        for i, job in enumerate(jobs):
+            if results[i] is None:
+                texts, too_long = self._fit(model, job)
+                if too_long is not None:
+                    results[i] = EmbedResult(batch=info, too_long=too_long)
+                else:
+                    inputs[i] = texts
+        # One model call per query side, token cut and normalization.
+        keys = sorted({(j.query, self._cut(model, j), j.normalize is False) for i, j in enumerate(jobs) if i in inputs})
+        for query, cut, raw in keys:
+            group = [i for i in inputs if (jobs[i].query, self._cut(model, jobs[i]), jobs[i].normalize is False)
+                     == (query, cut, raw)]
+            texts = [t for i in group for t in inputs[i]]
             modes = {m for i in group for m in jobs[i].modes}
-            out = self._encode(model, texts, query, modes)
+            out = self._encode(model, texts, query, modes, cut, raw)
             counts = self._token_counts(model, texts)
             start = 0
             for i in group:
@@ -282,17 +312,42 @@ class EmbedderReplica(_Replica):
                 start = stop
         return results  # type: ignore[return-value]
 
-    def _encode(self, model, texts: list[str], query: bool, modes: set[str]) -> dict[str, Any]:
+    def _cut(self, model, job: EmbedJob) -> int:
+        """The token cut of a job's inputs (special tokens and instruction included)."""
+        cut = int(model.query_max_length if job.query else model.passage_max_length)
+        return min(cut, job.max_tokens) if job.max_tokens else cut
+
+    def _fit(self, model, job: EmbedJob) -> tuple[list[str], TooLong | None]:
+        """The job's texts as the model is to get them: as sent for "END" (the model cuts their end), cut
+        at the start for "START", or the first one over the cut for "NONE"."""
+        if job.truncate == "END":
+            return job.texts, None
+        cut = self._cut(model, job)
+        lengths = _full_lengths(model, job.texts, job.query)
+        if job.truncate == "NONE":
+            over = next((i for i, n in enumerate(lengths) if n > cut), None)
+            return job.texts, None if over is None else TooLong(over, lengths[over], cut)
+        return [_cut_start(model.tokenizer, t, n - cut) for t, n in zip(job.texts, lengths, strict=True)], None
+
+    def _encode(self, model, texts: list[str], query: bool, modes: set[str], cut: int | None = None,
+                raw: bool = False) -> dict[str, Any]:
         model.last_token_counts = None
         encode = model.encode_queries if query else model.encode_corpus
-        if not self.is_m3:
-            return {DENSE: np.asarray(encode(texts, convert_to_numpy=True), dtype=np.float32)}
-        out = encode(
-            texts,
-            return_dense=DENSE in modes,
-            return_sparse=SPARSE in modes,
-            return_colbert_vecs=COLBERT in modes,
-        )
+        normalize = model.normalize_embeddings
+        if raw:
+            model.normalize_embeddings = False  # this handle is this thread's alone for the call
+        try:
+            if not self.is_m3:
+                return {DENSE: np.asarray(encode(texts, max_length=cut, convert_to_numpy=True), dtype=np.float32)}
+            out = encode(
+                texts,
+                max_length=cut,
+                return_dense=DENSE in modes,
+                return_sparse=SPARSE in modes,
+                return_colbert_vecs=COLBERT in modes,
+            )
+        finally:
+            model.normalize_embeddings = normalize
         return {
             DENSE: None if out["dense_vecs"] is None else np.asarray(out["dense_vecs"], dtype=np.float32),
             SPARSE: out["lexical_weights"],
@@ -347,6 +402,7 @@ class RerankerReplica(_Replica):
             "class": type(self.model).__name__,
             "capabilities": ["rerank"],
             "dimensions": None,
+            "max_length": int(self.model.max_length),
             "matryoshka": False,
             "torch_threads": self.torch_threads,
         }
@@ -358,7 +414,24 @@ class RerankerReplica(_Replica):
         return await self._run(self._rerank_batch, jobs)
 
     def _rerank_batch(self, model, jobs: list[RerankJob]) -> list[RerankResult]:
-        pairs = [(j.query, d) for j in jobs for d in j.documents]
+        info = BatchInfo(len(jobs), sum(len(j.documents) for j in jobs))
+        out: list[RerankResult | None] = [None] * len(jobs)
+        docs: dict[int, list[str]] = {}
+        for i, job in enumerate(jobs):
+            texts = job.documents
+            if job.max_tokens_per_doc:
+                texts = [_cut_end(model.tokenizer, d, job.max_tokens_per_doc) for d in texts]
+            if not job.truncate:
+                lengths = [len(x) for x in model.tokenizer([job.query] * len(texts), texts)["input_ids"]]
+                over = next((k for k, n in enumerate(lengths) if n > model.max_length), None)
+                if over is not None:
+                    out[i] = RerankResult(np.zeros(0), 0, info, TooLong(over, lengths[over], int(model.max_length)))
+                    continue
+            docs[i] = texts
+        run = [i for i in range(len(jobs)) if i in docs]
+        if not run:
+            return out  # type: ignore[return-value]
+        pairs = [(jobs[i].query, d) for i in run for d in docs[i]]
         model.last_token_counts = None
         scores = np.asarray(model.compute_score(pairs, normalize=False), dtype=np.float64)
         counts = getattr(model, "last_token_counts", None)
@@ -366,13 +439,44 @@ class RerankerReplica(_Replica):
             # Rerankers that do not record counts: query plus document tokens.
             tok = model.tokenizer
             counts = np.array([len(tok(q)["input_ids"]) + len(tok(d)["input_ids"]) for q, d in pairs])
-        info = BatchInfo(len(jobs), len(pairs))
-        out, start = [], 0
-        for job in jobs:
-            stop = start + len(job.documents)
-            out.append(RerankResult(scores[start:stop], int(np.sum(counts[start:stop])), info))
+        start = 0
+        for i in run:
+            stop = start + len(docs[i])
+            out[i] = RerankResult(scores[start:stop], int(np.sum(counts[start:stop])), info)
             start = stop
-        return out
+        return out  # type: ignore[return-value]
+
+
+def _full_lengths(model, texts: list[str], query: bool) -> list[int]:
+    """Untruncated token counts of ``texts`` as the model would see them (instruction and special tokens in)."""
+    from bge_ray.models.base import format_instruction  # torch: model replicas only
+
+    ins = model.query_instruction_for_retrieval if query else getattr(model, "passage_instruction_for_retrieval", None)
+    if ins is not None:
+        fmt = (model.query_instruction_format if query else getattr(model, "passage_instruction_format", None))
+        texts = [format_instruction(fmt or "{}{}", ins, t) for t in texts]
+    return [len(x) for x in model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
+
+
+def _cut_start(tokenizer, text: str, drop: int) -> str:
+    """``text`` without its first ``drop`` tokens (cut at a token's first character, so re-tokenised it
+    may differ by a token at the cut, which the model's own end truncation then absorbs)."""
+    if drop <= 0:
+        return text
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[offsets[drop][0]:] if drop < len(offsets) else ""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[drop:])
+
+
+def _cut_end(tokenizer, text: str, keep: int) -> str:
+    """``text`` up to the end of its ``keep``-th token."""
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text if len(offsets) <= keep else text[: offsets[keep - 1][1]]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= keep else tokenizer.decode(ids[:keep])
 
 
 class LocalHandle:

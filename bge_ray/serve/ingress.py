@@ -1,4 +1,4 @@
-"""The HTTP front: OpenAI / Cohere-compatible routes over the model deployments.
+"""The HTTP front: OpenAI, Cohere (v1 rerank, v2 embed / rerank) and TEI routes over the model deployments.
 
 Bodies are read and validated here, in this order: bearer token, body size (from Content-Length, then
 while it streams in), JSON syntax, schema, limits (including text that is not valid Unicode), model
@@ -28,9 +28,9 @@ from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import schemas
+from . import cohere_api, schemas, tei_api
 from .config import Limits, ReplicaSettings, api_key_from_env, is_local_path
-from .deployments import COLBERT, DENSE, SPARSE, EmbedJob, EmbedResult, LocalHandle, RerankJob
+from .deployments import COLBERT, DENSE, SPARSE, EmbedJob, EmbedResult, LocalHandle, RerankJob, RerankResult
 from .limits import ApiError, check_bearer, check_text, check_texts
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,13 @@ def _schema_error(errors: list[dict[str, Any]]) -> ApiError:
     msg = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     text = msg if param and msg.startswith(param) else f"{param}: {msg}" if param else msg
-    return ApiError(400, text + more, param=param, code="invalid_value")
+    # "empty": an empty batch, which TEI answers apart (400 Empty rather than 422 Validation).
+    code = "empty_input" if first.get("type") == "empty" else "invalid_value"
+    return ApiError(400, text + more, param=param, code=code)
+
+
+def openai_error(exc: ApiError) -> Response:
+    return Response(exc.body(), exc.status, media_type="application/json")
 
 
 def _too_large(size: str, limit: int) -> ApiError:
@@ -182,7 +188,7 @@ class Ingress:
     def _auth(self, request: Request) -> None:
         check_bearer(request.headers.get("authorization"), self.api_key)
 
-    def _resolve(self, kind: str, requested: str | None) -> str:
+    def resolve(self, kind: str, requested: str | None) -> str:
         names = list(self.handles[kind])
         if not names:
             raise ApiError(
@@ -200,7 +206,7 @@ class Ingress:
             )
         return name
 
-    async def _model_info(self, kind: str, name: str) -> dict[str, Any]:
+    async def model_info(self, kind: str, name: str) -> dict[str, Any]:
         key = (kind, name)
         if key not in self._info:
             self._info[key] = await self.handles[kind][name].info.remote()
@@ -209,78 +215,131 @@ class Ingress:
     def _count(self, route: str, status: int) -> None:
         self._m_requests.inc(tags={"route": route, "status": str(status)})
 
-    async def _guard(self, route: str, request: Request, handler) -> Response:
-        """Auth then ``handler``; counts the outcome. Ray errors become a 500 in OpenAI's shape."""
+    async def _guard(self, route: str, request: Request, handler, errors=openai_error) -> Response:
+        """Auth then ``handler``; counts the outcome. Errors are answered by ``errors`` (the API's error
+        shape: OpenAI's by default); Ray errors become a 500 naming a request id."""
         try:
             self._auth(request)
             response = await handler()
         except ApiError as exc:
-            self._count(route, exc.status)
-            return Response(exc.body(), exc.status, media_type="application/json")
+            response = errors(exc)
         except Exception:  # noqa: BLE001 - the client gets a request id, the log the trace
             request_id = uuid.uuid4().hex[:16]
             logger.exception("%s failed (request id %s)", route, request_id)
-            self._count(route, 500)
             err = ApiError(500, f"internal error (request id {request_id}; the server log has the details)",
                            type="server_error", code="internal_error")
-            return Response(err.body(), 500, media_type="application/json")
+            response = errors(err)
         self._count(route, response.status_code)
         return response
+
+    async def parse(self, request: Request, schema: type[BaseModel]) -> Any:
+        """The request's body validated against ``schema`` (size, JSON and schema errors raise ApiError)."""
+        return await _parse(request, schema, self.limits)
+
+    async def check_mode(self, name: str, info: dict[str, Any], mode: str, route: str) -> None:
+        if mode in info["capabilities"]:
+            return
+        names = list(self.handles["embedder"])
+        infos = await asyncio.gather(*(self.model_info("embedder", n) for n in names))
+        m3 = [n for n, i in zip(names, infos, strict=True) if mode in i["capabilities"]]
+        hint = f"; served models with it: {', '.join(m3)}" if m3 else ""
+        raise ApiError(
+            400,
+            f"model {name!r} ({info['class']}) has no {mode} output: {route} needs a BGE-M3 "
+            f"model (BGEM3FlagModel){hint}",
+            param="model",
+            code="unsupported_output",
+        )
+
+    async def first_with(self, mode: str) -> str | None:
+        """The first served embedder with ``mode`` output (None when there is none)."""
+        names = list(self.handles["embedder"])
+        infos = await asyncio.gather(*(self.model_info("embedder", n) for n in names))
+        return next((n for n, i in zip(names, infos, strict=True) if mode in i["capabilities"]), None)
+
+    def check_dims(self, name: str, info: dict[str, Any], dims: int | None, param: str) -> None:
+        if dims is None:
+            return
+        full = info["dimensions"]
+        if dims > full:
+            raise ApiError(400, f"{param}={dims} is more than model {name!r} gives ({full})", param=param)
+        if dims != full and not info["matryoshka"]:
+            raise ApiError(
+                400,
+                f"model {name!r} was not trained for shortened embeddings (Matryoshka), so {param} must be "
+                f"{full} or absent; a server operator can allow it with `matryoshka: true` for the model",
+                param=param,
+                code="dimensions_not_supported",
+            )
+
+    async def embed_texts(
+        self, name: str, texts: list[str], *, query: bool, mode: str = DENSE, dims: int | None = None,
+        param: str = "input", return_tokens: bool = False, truncate: str = "END", max_tokens: int | None = None,
+        normalize: bool | None = None,
+    ) -> EmbedResult:
+        """Run validated ``texts`` through embedder ``name``: the result, its dense vectors cut to ``dims``
+        (renormalised unless ``normalize`` is False); over-long inputs with ``truncate="NONE"`` and
+        responses over ``max_response_floats`` raise."""
+        job = EmbedJob(texts, query, (mode,), return_tokens, max_floats=self.limits.max_response_floats,
+                       truncate=truncate, max_tokens=max_tokens, normalize=normalize)
+        result: EmbedResult = await self.handles["embedder"][name].embed.remote(job)
+        if result.too_long is not None:
+            t = result.too_long
+            raise ApiError(
+                400, f"{param}[{t.index}] has {t.tokens} tokens; model {name!r} takes at most {t.limit} and "
+                "truncation is off: send shorter inputs or let the server truncate them",
+                param=param, code="input_too_long",
+            )
+        if result.floats > self.limits.max_response_floats:
+            raise ApiError(
+                413, f"the {mode} response would hold {result.floats} floats; this server answers at most "
+                f"{self.limits.max_response_floats} per request (limit max_response_floats): send fewer or shorter "
+                "inputs", param=param, code="response_too_large",
+            )
+        if mode == DENSE and dims is not None and dims != result.dense.shape[1]:
+            vecs = result.dense[:, :dims]
+            if normalize is not False:
+                vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+            result.dense = vecs
+        return result
+
+    async def rerank_texts(
+        self, name: str, query: str, docs: list[str], *, max_tokens_per_doc: int | None = None,
+        truncate: bool = True, param: str = "documents",
+    ) -> RerankResult:
+        """Raw scores of ``docs`` against ``query`` from reranker ``name``; with ``truncate`` False a
+        pair over the model's length raises."""
+        job = RerankJob(query, docs, max_tokens_per_doc=max_tokens_per_doc, truncate=truncate)
+        result = await self.handles["reranker"][name].rerank.remote(job)
+        if result.too_long is not None:
+            t = result.too_long
+            raise ApiError(
+                400, f"query and {param}[{t.index}] have {t.tokens} tokens; model {name!r} takes at most "
+                f"{t.limit} and truncation is off: send shorter texts or let the server truncate them",
+                param=param, code="input_too_long",
+            )
+        return result
 
     async def _embed(self, request: Request, schema: type[schemas.EmbeddingRequest], mode: str):
         req = await _parse(request, schema, self.limits)
         texts = req.texts
         check_texts(texts, self.limits, "input")
-        name = self._resolve("embedder", req.model)
-        info = await self._model_info("embedder", name)
-        if mode not in info["capabilities"]:
-            names = list(self.handles["embedder"])
-            infos = await asyncio.gather(*(self._model_info("embedder", n) for n in names))
-            m3 = [n for n, i in zip(names, infos, strict=True) if mode in i["capabilities"]]
-            hint = f"; served models with it: {', '.join(m3)}" if m3 else ""
-            raise ApiError(
-                400,
-                f"model {name!r} ({info['class']}) has no {mode} output: /v1/embeddings/{mode} needs a BGE-M3 "
-                f"model (BGEM3FlagModel){hint}",
-                param="model",
-                code="unsupported_output",
-            )
+        name = self.resolve("embedder", req.model)
+        info = await self.model_info("embedder", name)
+        await self.check_mode(name, info, mode, f"/v1/embeddings/{mode}")
         dims = req.dimensions
-        if dims is not None:
-            if mode != DENSE:
-                raise ApiError(400, f"dimensions applies to dense embeddings only, not {mode}", param="dimensions")
-            full = info["dimensions"]
-            if dims > full:
-                raise ApiError(
-                    400, f"dimensions={dims} is more than model {name!r} gives ({full})", param="dimensions"
-                )
-            if dims != full and not info["matryoshka"]:
-                raise ApiError(
-                    400,
-                    f"model {name!r} was not trained for shortened embeddings (Matryoshka), so dimensions must be "
-                    f"{full} or absent; a server operator can allow it with `matryoshka: true` for the model",
-                    param="dimensions",
-                    code="dimensions_not_supported",
-                )
-        job = EmbedJob(texts, req.is_query, (mode,), getattr(req, "return_tokens", False),
-                       max_floats=self.limits.max_response_floats)
-        result: EmbedResult = await self.handles["embedder"][name].embed.remote(job)
-        if result.floats > self.limits.max_response_floats:
-            raise ApiError(
-                413, f"the {mode} response would hold {result.floats} floats; this server answers at most "
-                f"{self.limits.max_response_floats} per request (limit max_response_floats): send fewer or shorter "
-                "inputs", param="input", code="response_too_large",
-            )
+        if dims is not None and mode != DENSE:
+            raise ApiError(400, f"dimensions applies to dense embeddings only, not {mode}", param="dimensions")
+        self.check_dims(name, info, dims, "dimensions")
+        result = await self.embed_texts(name, texts, query=req.is_query, mode=mode, dims=dims,
+                                        return_tokens=getattr(req, "return_tokens", False))
         usage = schemas.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
         headers = _batch_headers(result.batch)
         fmt = req.encoding_format
         if mode == DENSE:
-            vecs = result.dense
-            if dims is not None and dims != vecs.shape[1]:
-                vecs = vecs[:, :dims]
-                norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-                vecs = vecs / np.maximum(norms, 1e-12)
-            data = [schemas.EmbeddingData(index=i, embedding=schemas.encode_floats(v, fmt)) for i, v in enumerate(vecs)]
+            data = [
+                schemas.EmbeddingData(index=i, embedding=schemas.encode_floats(v, fmt)) for i, v in enumerate(result.dense)
+            ]
             return _json(schemas.EmbeddingResponse(data=data, model=name, usage=usage), headers=headers)
         if mode == SPARSE:
             data = [
@@ -304,8 +363,8 @@ class Ingress:
         docs = req.texts
         check_text(req.query, self.limits, "query")
         check_texts(docs, self.limits, "documents")
-        name = self._resolve("reranker", req.model)
-        result = await self.handles["reranker"][name].rerank.remote(RerankJob(req.query, docs))
+        name = self.resolve("reranker", req.model)
+        result = await self.rerank_texts(name, req.query, docs)
         scores = 1.0 / (1.0 + np.exp(-result.scores)) if req.normalize else result.scores
         # Stable sort on the negated score: ties keep the documents' order.
         order = np.argsort(-scores, kind="stable")[: req.top_n or len(docs)]
@@ -324,7 +383,7 @@ class Ingress:
     async def _models(self) -> Response:
         cards = []
         for kind, handles in self.handles.items():
-            infos = await asyncio.gather(*(self._model_info(kind, n) for n in handles))
+            infos = await asyncio.gather(*(self.model_info(kind, n) for n in handles))
             for name, info in zip(handles, infos, strict=True):
                 aliases = sorted(
                     a for a, n in self.aliases[kind].items() if n == name and a != name and not is_local_path(a)
@@ -365,6 +424,32 @@ class Ingress:
     async def rerank(self, request: Request) -> Response:
         """Cohere / Jina rerank: documents sorted by relevance_score, ``index`` into the input list."""
         return await self._guard("/v1/rerank", request, lambda: self._rerank(request))
+
+    # Cohere API v2 (cohere.ClientV2) and Hugging Face TEI: same models, limits and auth; each API's error shape.
+    @api.post("/v2/embed")
+    async def embed_v2(self, request: Request) -> Response:
+        """Cohere v2 embed: ``embeddings`` by type (float, int8, uint8, binary, ubinary, base64)."""
+        return await self._guard("/v2/embed", request, lambda: cohere_api.embed(self, request), cohere_api.error)
+
+    @api.post("/v2/rerank")
+    async def rerank_v2(self, request: Request) -> Response:
+        """Cohere v2 rerank: ``results`` of ``index`` and ``relevance_score`` (sigmoid), best first."""
+        return await self._guard("/v2/rerank", request, lambda: cohere_api.rerank(self, request), cohere_api.error)
+
+    @api.post("/embed")
+    async def embed_tei(self, request: Request) -> Response:
+        """TEI embed: a list of vectors, one per input."""
+        return await self._guard("/embed", request, lambda: tei_api.embed(self, request), tei_api.error)
+
+    @api.post("/embed_sparse")
+    async def embed_sparse_tei(self, request: Request) -> Response:
+        """TEI sparse embed (BGE-M3 lexical weights): per input a list of ``{index: token id, value}``."""
+        return await self._guard("/embed_sparse", request, lambda: tei_api.embed_sparse(self, request), tei_api.error)
+
+    @api.post("/rerank")
+    async def rerank_tei(self, request: Request) -> Response:
+        """TEI rerank: ``[{index, score, text?}]`` sorted by score, highest first."""
+        return await self._guard("/rerank", request, lambda: tei_api.rerank(self, request), tei_api.error)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
